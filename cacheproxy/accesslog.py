@@ -1,0 +1,104 @@
+"""The access log: one line per request in Squid's native format, written buffered.
+
+Squid's ``logformat squid``:
+``time.ms elapsed_ms client code/status bytes method URL - hierarchy/peer content-type``.
+Lines are collected in memory and written at most a second later (and at shutdown), so a
+response never waits for the disk.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import IO, Any
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+log = Logger()
+
+
+def squid_line(
+    *,
+    now: float,
+    elapsed: float,
+    client: str,
+    code: str,
+    status: int,
+    size: int,
+    method: bytes,
+    url: bytes,
+    hierarchy: str,
+    content_type: bytes | None,
+) -> str:
+    """One access-log line in Squid's native format, without the newline."""
+    return "%d.%03d %6d %s %s/%03d %d %s %s - %s %s" % (
+        int(now),
+        int(now * 1000) % 1000,
+        max(0, int(elapsed * 1000)),
+        client,
+        code,
+        status,
+        size,
+        _token(method),
+        _token(url),
+        hierarchy,
+        _token(content_type) if content_type else "-",
+    )
+
+
+def _token(value: bytes) -> str:
+    """A log field from raw bytes: no spaces or control characters can split the line."""
+    text = value.decode("latin-1")
+    return "".join(c if " " < c < "\x7f" else "%%%02X" % ord(c) for c in text) or "-"
+
+
+class AccessLog(Service):
+    """Buffers access-log lines and flushes them every second and at stop.
+
+    @ivar path: the log file, or ``"-"`` for standard output.
+    """
+
+    def __init__(self, path: str, reactor: Any, interval: float = 1.0) -> None:
+        self.path = path
+        self._lines: list[str] = []
+        self._file: IO[str] | None = None
+        self._loop = LoopingCall(self.flush)
+        self._loop.clock = reactor
+        self._interval = interval
+
+    def startService(self) -> None:
+        super().startService()
+        if self.path == "-":
+            self._file = sys.stdout
+        else:
+            directory = os.path.dirname(self.path)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        self.flush()
+        if self._file is not None and self._file is not sys.stdout:
+            self._file.close()
+        self._file = None
+
+    def write(self, line: str) -> None:
+        """Queue one line."""
+        self._lines.append(line)
+
+    def flush(self) -> None:
+        """Write the queued lines."""
+        if not self._lines or self._file is None:
+            return
+        lines, self._lines = self._lines, []
+        try:
+            self._file.write("\n".join(lines) + "\n")
+            self._file.flush()
+        except OSError:
+            log.failure("cannot write the access log {path}", path=self.path)

@@ -1,0 +1,155 @@
+"""Frozen values shared by every layer: headers, request and response heads, entries.
+
+Rules of this module:
+- It imports only the standard library, so the pure policy can use it.
+- Header names and values are raw ``bytes``; a header list is a tuple of ``(name, value)``
+  pairs in the order received, repeats kept (two ``Set-Cookie`` stay two).
+- Name comparisons are case-insensitive (RFC 9110 section 5.1); values are never decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+def header_values(headers: Headers, name: bytes) -> list[bytes]:
+    """Every value of field ``name``, in order (RFC 9110 section 5.3)."""
+    lname = name.lower()
+    return [v for n, v in headers if n.lower() == lname]
+
+
+def header_value(headers: Headers, name: bytes) -> bytes | None:
+    """The field's values joined by ``, `` (RFC 9110 section 5.3), or None if absent."""
+    values = header_values(headers, name)
+    if not values:
+        return None
+    return b", ".join(values)
+
+
+def header_list(headers: Headers, name: bytes) -> list[bytes]:
+    """The comma-separated members of a list-based field, stripped, empties dropped.
+
+    RFC 9110 section 5.6.1.  Quoted commas are respected.
+    """
+    items: list[bytes] = []
+    for value in header_values(headers, name):
+        items.extend(split_list(value))
+    return items
+
+
+def split_list(value: bytes) -> list[bytes]:
+    """Split one list-based field value on commas outside quoted strings."""
+    items: list[bytes] = []
+    current = bytearray()
+    quoted = False
+    escaped = False
+    for byte in value:
+        char = bytes((byte,))
+        if escaped:
+            escaped = False
+        elif quoted and char == b"\\":
+            escaped = True
+        elif char == b'"':
+            quoted = not quoted
+        elif char == b"," and not quoted:
+            item = bytes(current).strip()
+            if item:
+                items.append(item)
+            current.clear()
+            continue
+        current += char
+    item = bytes(current).strip()
+    if item:
+        items.append(item)
+    return items
+
+
+def without_headers(headers: Headers, names: frozenset[bytes]) -> Headers:
+    """``headers`` less every field whose lower-cased name is in ``names``."""
+    return tuple((n, v) for n, v in headers if n.lower() not in names)
+
+
+def with_header(headers: Headers, name: bytes, value: bytes) -> Headers:
+    """``headers`` with field ``name`` replaced by the single ``value``."""
+    return without_headers(headers, frozenset({name.lower()})) + ((name, value),)
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """A request as the client sent it.
+
+    @ivar method: the method token, e.g. ``b"GET"``.
+    @ivar target: the request target exactly as received (absolute form for proxying).
+    @ivar version: ``b"1.1"`` or ``b"1.0"``.
+    @ivar headers: the header fields as received.
+    """
+
+    method: bytes
+    target: bytes
+    version: bytes = b"1.1"
+    headers: Headers = ()
+
+
+@dataclass(frozen=True)
+class ResponseHead:
+    """A response's status line and header fields (no body).
+
+    @ivar status: the status code.
+    @ivar reason: the reason phrase.
+    @ivar headers: end-to-end header fields in order, repeats kept.
+    """
+
+    status: int
+    reason: bytes = b""
+    headers: Headers = ()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored response: its head, how it was obtained, and its body's size.
+
+    @ivar key: the cache key of the URL (see L{cacheproxy.policy.cache_key}).
+    @ivar url: the absolute URL the response was fetched for.
+    @ivar response: the stored response head (hop-by-hop fields removed).
+    @ivar request_time: clock when the request that produced it was sent
+        (RFC 9111 section 4.2.3 ``request_time``).
+    @ivar response_time: clock when the response was received (``response_time``).
+    @ivar vary: the request's values of the response's ``Vary`` fields,
+        as ``(lower-cased name, normalised value or None)`` pairs; empty without Vary.
+    @ivar body_length: the stored body's length in bytes.
+    @ivar body_id: the store's name for the body; opaque to everyone but the store.
+    """
+
+    key: str
+    url: str
+    response: ResponseHead
+    request_time: float
+    response_time: float
+    vary: tuple[tuple[bytes, bytes | None], ...] = ()
+    body_length: int = 0
+    body_id: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the command line decides, after validation.
+
+    @ivar port: a Twisted server endpoint string.
+    @ivar cache_dir: the diskcache directory.
+    @ivar cache_size: the store's disk budget in bytes.
+    @ivar max_object_size: responses larger than this many bytes are not stored.
+    @ivar access_log: a file path, or ``"-"`` for standard output.
+    @ivar origin_timeout: seconds allowed for connecting to an origin and receiving
+        the first byte of its response.
+    @ivar heuristic_cap: upper bound in seconds of heuristic freshness.
+    """
+
+    port: str = "tcp:3128"
+    cache_dir: str = "var/cache"
+    cache_size: int = 1 << 30
+    max_object_size: int = 256 << 20
+    access_log: str = "var/log/access.log"
+    origin_timeout: float = 60.0
+    heuristic_cap: float = 86400.0

@@ -1,0 +1,84 @@
+"""The command line of ``twistd cacheproxy``: options in, one immutable Config out."""
+
+from __future__ import annotations
+
+import re
+
+from twisted.python import usage
+
+from cacheproxy.model import Config
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """A byte count from ``1024``, ``64K``, ``500M``, ``2G`` (binary multiples)."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise usage.UsageError(f"not a size: {text!r} (use a number with K, M or G)")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[unit.upper()])
+
+
+def parse_port(text: str) -> str:
+    """A Twisted server endpoint string from a port number or an endpoint string."""
+    text = text.strip()
+    if text.isdigit():
+        if not 0 <= int(text) <= 65535:
+            raise usage.UsageError(f"port out of range: {text}")
+        return f"tcp:{text}"
+    if ":" not in text:
+        raise usage.UsageError(
+            f"not a port: {text!r} (use a number or an endpoint like tcp:3128)"
+        )
+    return text
+
+
+def parse_seconds(text: str) -> float:
+    """A positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise usage.UsageError(f"not a number of seconds: {text!r}") from None
+    if value <= 0:
+        raise usage.UsageError(f"must be positive: {text!r}")
+    return value
+
+
+class Options(usage.Options):
+    """Options of ``twistd cacheproxy``; INTERFACE.md is their contract."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "A caching HTTP forward proxy. Point clients at it as their HTTP proxy "
+        "(http_proxy=http://host:3128/); it answers from its disk store when "
+        "RFC 9111 allows and fetches from the origin otherwise."
+    )
+    optParameters = [
+        ["port", "p", "tcp:3128",
+         "where to listen: a port number or a Twisted endpoint string "
+         "(tcp:3128:interface=127.0.0.1)"],
+        ["cache-dir", None, "var/cache", "the cache directory (created if missing)"],
+        ["cache-size", None, "1G",
+         "disk budget of the store (500M, 2G); least recently used entries "
+         "are evicted past it"],
+        ["max-object-size", None, "256M",
+         "responses larger than this are relayed but not stored"],
+        ["access-log", None, "var/log/access.log",
+         "one line per request in Squid's format ('-' for standard output)"],
+        ["origin-timeout", None, "60",
+         "seconds to connect to an origin and receive the first byte of its "
+         "response before answering 504"],
+    ]
+
+    def postOptions(self) -> None:
+        """Validate every value into a Config, or raise a UsageError naming it."""
+        self["config"] = Config(
+            port=parse_port(self["port"]),
+            cache_dir=self["cache-dir"],
+            cache_size=parse_size(self["cache-size"]),
+            max_object_size=parse_size(self["max-object-size"]),
+            access_log=self["access-log"],
+            origin_timeout=parse_seconds(self["origin-timeout"]),
+        )

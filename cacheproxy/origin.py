@@ -1,0 +1,114 @@
+"""The origin side: requests to origin servers over Twisted's Agent and a connection pool.
+
+Rules of this module:
+- One persistent L{HTTPConnectionPool} for the whole proxy, so connections to an origin
+  are reused across clients.
+- Agent is used bare: no content decoding, no redirect following; the proxy relays what
+  the origin said, verbatim.
+- Connecting and waiting for the response head share one deadline (``timeout``); past it
+  the request fails with L{OriginTimeout}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.web import _newclient
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers as TwistedHeaders
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from cacheproxy.model import Headers
+from cacheproxy.server import RequestBody
+
+
+class _ConnectionShowingParser(_newclient.HTTPClientParser):  # type: ignore[misc]
+    """Agent's response parser, but leaving ``Connection`` in the response headers.
+
+    Agent keeps ``Connection`` to itself, and with it the names of the fields that the
+    origin declared hop-by-hop; the proxy must drop those (RFC 9110 section 7.6.1).
+    """
+
+    def headerReceived(self, name: bytes, value: bytes) -> None:
+        super().headerReceived(name, value)
+        if name.lower() == b"connection":
+            self.headers.addRawHeader(b"Connection", value)
+
+
+def _show_connection_field() -> None:
+    """Make Agent's HTTP/1.1 client use L{_ConnectionShowingParser}.
+
+    Agent offers no hook for its parser; HTTP11ClientProtocol looks the class up by
+    name in its module, so replacing that name is the narrowest change possible.
+    """
+    _newclient.HTTPClientParser = _ConnectionShowingParser
+
+
+class OriginTimeout(Exception):
+    """The origin did not connect or start its response in time."""
+
+
+@implementer(IBodyProducer)
+class BodyProducer:
+    """Feeds a client's streamed L{RequestBody} to Agent, with backpressure.
+
+    @ivar length: the declared length or UNKNOWN_LENGTH (Agent then sends chunked).
+    """
+
+    def __init__(self, body: RequestBody) -> None:
+        self._body = body
+        self.length: Any = body.length if body.length is not None else UNKNOWN_LENGTH
+
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
+        done: defer.Deferred[None] = defer.Deferred()
+        self._body.attach(consumer.write, lambda: done.called or done.callback(None))
+        return done
+
+    def pauseProducing(self) -> None:
+        self._body.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._body.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._body.stopProducing()
+
+
+class Origin:
+    """Sends requests to origins through one pooled Agent.
+
+    @ivar timeout: seconds allowed for connecting and receiving the response head.
+    """
+
+    def __init__(self, reactor: Any, timeout: float, per_host: int = 16) -> None:
+        self._reactor: IReactorTime = reactor
+        self.timeout = timeout
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = per_host
+        self._pool.cachedConnectionTimeout = 60
+        self._agent = Agent(reactor, connectTimeout=timeout, pool=self._pool)
+        _show_connection_field()
+
+    def request(
+        self, method: bytes, url: bytes, headers: Headers, body: RequestBody | None
+    ) -> defer.Deferred[IResponse]:
+        """Send a request; the Deferred fires with the response head."""
+        twisted_headers = TwistedHeaders()
+        for name, value in headers:
+            twisted_headers.addRawHeader(name, value)
+        producer = BodyProducer(body) if body is not None and body.present else None
+        if producer is None and body is not None and body.length == 0:
+            producer = BodyProducer(body)
+        d = self._agent.request(method, url, twisted_headers, producer)
+        d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=self._timed_out)
+        return d
+
+    def _timed_out(self, result: object, timeout: float) -> object:
+        raise OriginTimeout(f"no response within {timeout:g} s")
+
+    def close(self) -> defer.Deferred[None]:
+        """Close pooled connections."""
+        return self._pool.closeCachedConnections()

@@ -1,0 +1,483 @@
+"""The client side: one Twisted protocol per client connection over httptools' parser.
+
+Rules of this module:
+- Bytes from the client go to llhttp (``httptools.HttpRequestParser``), which enforces
+  RFC 9112 framing; anything it rejects is answered ``400`` and the connection closed.
+- Requests are answered strictly in order (RFC 9112 section 9.3.2): a pipelined request
+  waits, with its body buffered, until the response before it is complete, and reading
+  from the client pauses meanwhile.
+- Only the active request's L{ResponseWriter} writes to the transport.
+- Header limits are ours to count (llhttp has none): a target over 8 KiB is ``414``, a
+  header block over 64 KiB is ``431``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import httptools
+from twisted.internet.interfaces import IAddress, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from cacheproxy.model import Headers, RequestHead, header_values
+
+if TYPE_CHECKING:
+    from cacheproxy.exchange import Proxy
+
+log = Logger()
+
+MAX_TARGET = 8 * 1024
+MAX_HEADER_BLOCK = 64 * 1024
+MAX_HEADERS = 256
+
+_REASONS = {
+    100: b"Continue",
+    200: b"OK",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    508: b"Loop Detected",
+}
+
+
+class RequestRejected(Exception):
+    """A request the proxy refuses before handling it; carries the status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@implementer(IPushProducer)
+class RequestBody:
+    """A request body as it streams in from the client, handed to one consumer.
+
+    It is the origin client's body producer: chunks that arrive before the consumer is
+    attached are buffered (a pipelined request's body, or the first bytes after the
+    head); afterwards they go straight through.
+
+    @ivar length: the declared length, or None for a chunked body.
+    @ivar present: whether the request has a body at all (RFC 9112 section 6.3).
+    @ivar complete: the last byte has arrived.
+    """
+
+    def __init__(self, length: int | None, present: bool) -> None:
+        self.length = length
+        self.present = present
+        self.complete = not present
+        self._buffer: list[bytes] = []
+        self._sink: Callable[[bytes], None] | None = None
+        self._on_end: Callable[[], None] | None = None
+        self._pause: Callable[[], None] | None = None
+        self._resume: Callable[[], None] | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Take a chunk from the parser."""
+        if self._sink is None:
+            self._buffer.append(data)
+        else:
+            self._sink(data)
+
+    def end(self) -> None:
+        """The parser reached the end of the body."""
+        self.complete = True
+        if self._on_end is not None:
+            self._on_end()
+
+    def attach(
+        self, sink: Callable[[bytes], None], on_end: Callable[[], None]
+    ) -> None:
+        """Send buffered and future chunks to ``sink``; call ``on_end`` at the end."""
+        buffered, self._buffer = self._buffer, []
+        self._sink = sink
+        self._on_end = on_end
+        for chunk in buffered:
+            sink(chunk)
+        if self.complete:
+            on_end()
+
+    def detach(self) -> None:
+        """Drop the rest of the body (the origin gave up on it)."""
+        self._sink = lambda data: None
+        self._on_end = None
+
+    def set_flow_control(
+        self, pause: Callable[[], None], resume: Callable[[], None]
+    ) -> None:
+        """Give the hooks that pause and resume reading from the client."""
+        self._pause, self._resume = pause, resume
+
+    def pauseProducing(self) -> None:
+        if self._pause is not None:
+            self._pause()
+
+    def resumeProducing(self) -> None:
+        if self._resume is not None:
+            self._resume()
+
+    def stopProducing(self) -> None:
+        self.detach()
+
+
+class ResponseWriter:
+    """Writes one response to the client, framing its body (RFC 9112 section 6).
+
+    A known length is sent with ``Content-Length``; an unknown one chunked to an HTTP/1.1
+    client, or delimited by closing the connection for HTTP/1.0.
+
+    @ivar status: the status sent, 0 before the head is written.
+    @ivar bytes_sent: bytes written to the client, head included.
+    @ivar finished: the response is complete (or abandoned).
+    """
+
+    def __init__(self, channel: ProxyProtocol, request: RequestHead, keep_alive: bool):
+        self._channel = channel
+        self._request = request
+        self._keep_alive = keep_alive
+        self._chunked = False
+        self._bodyless = request.method == b"HEAD"
+        self.status = 0
+        self.bytes_sent = 0
+        self.finished = False
+
+    @property
+    def started(self) -> bool:
+        """Whether the status line has been written."""
+        return self.status != 0
+
+    @property
+    def connected(self) -> bool:
+        """Whether the client is still there to read the response."""
+        return self._channel.connected and not self.finished
+
+    def start(
+        self, status: int, reason: bytes, headers: Headers, length: int | None
+    ) -> None:
+        """Write the status line and header block; ``length`` None: not known yet."""
+        self.status = status
+        if status in (204, 304) or 100 <= status < 200:
+            self._bodyless = True
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _REASONS.get(status, b""))]
+        lines.extend(b"%s: %s\r\n" % (name, value) for name, value in headers)
+        if not self._bodyless or (self._request.method == b"HEAD" and length is not None):
+            if length is not None:
+                lines.append(b"Content-Length: %d\r\n" % length)
+            elif self._request.version == b"1.1":
+                self._chunked = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self._keep_alive = False
+        if not self._keep_alive:
+            lines.append(b"Connection: close\r\n")
+        elif self._request.version == b"1.0":
+            lines.append(b"Connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        self._send(b"".join(lines))
+
+    def write(self, data: bytes) -> None:
+        """Send a piece of the body."""
+        if self._bodyless or not data:
+            return
+        if self._chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        self._send(data)
+
+    def finish(self) -> None:
+        """End the response; the connection goes on to the next request or closes."""
+        if self.finished:
+            return
+        if self._chunked:
+            self._send(b"0\r\n\r\n")
+        self.finished = True
+        self._channel.response_finished(self, self._keep_alive)
+
+    def abort(self) -> None:
+        """Give up mid-response: close the connection so the client sees truncation."""
+        if self.finished:
+            return
+        self.finished = True
+        self._channel.response_finished(self, keep_alive=False, abort=True)
+
+    def error(self, status: int, message: str, headers: Headers = ()) -> None:
+        """Answer with a short plain-text error of the proxy's own."""
+        body = message.encode("utf-8", "replace") + b"\n"
+        if not self.started:
+            self._keep_alive = self._keep_alive and status < 500 or status in (502, 504)
+            self.start(
+                status,
+                _REASONS.get(status, b"Error"),
+                ((b"Content-Type", b"text/plain; charset=utf-8"),) + headers,
+                len(body),
+            )
+            self.write(body)
+            self.finish()
+        else:
+            self.abort()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """Let ``producer`` be paused while the client reads slowly."""
+        self._channel.register_producer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        """Forget the producer registered before."""
+        self._channel.unregister_producer()
+
+    def _send(self, data: bytes) -> None:
+        self.bytes_sent += len(data)
+        self._channel.send(data)
+
+
+class _Pending:
+    """A parsed request waiting for its turn (pipelining)."""
+
+    def __init__(self, head: RequestHead, body: RequestBody, keep_alive: bool):
+        self.head = head
+        self.body = body
+        self.keep_alive = keep_alive
+
+
+class ProxyProtocol(Protocol):
+    """One client connection: parse requests, run them one at a time, in order.
+
+    @ivar proxy: the shared proxy state that handles each request.
+    @ivar connected: the client connection is open.
+    """
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.connected = False
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: deque[_Pending] = deque()
+        self._active: ResponseWriter | None = None
+        self._parsing: _Pending | None = None
+        self._target = bytearray()
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._pauses: set[str] = set()
+        self._closing = False
+        self._connect: RequestHead | None = None
+        self.client = "-"
+
+    # -- connection ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        peer: IAddress = self.transport.getPeer()  # type: ignore[attr-defined]
+        self.client = getattr(peer, "host", "-")
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.connected = False
+        self._queue.clear()
+        if self._parsing is not None:
+            self._parsing.body.detach()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except RequestRejected as rejected:
+            self._reject(rejected.status, rejected.message)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade(data, upgrade.args[0] if upgrade.args else len(data))
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, RequestRejected):
+                self._reject(cause.status, cause.message)
+            else:
+                log.failure("request parsing failed", Failure(error))
+                self._reject(400, "malformed request")
+        except httptools.HttpParserError as error:
+            self._reject(400, f"malformed request: {error}")
+
+    # -- parser callbacks ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._target.clear()
+        self._headers = []
+        self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._target += url
+        if len(self._target) > MAX_TARGET:
+            raise RequestRejected(414, "request target longer than 8 KiB")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_HEADER_BLOCK:
+            raise RequestRejected(431, "request header block larger than 64 KiB")
+        if len(self._headers) >= MAX_HEADERS:
+            raise RequestRejected(431, "too many request header fields")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        headers = tuple(self._headers)
+        head = RequestHead(
+            method=self._parser.get_method(),
+            target=bytes(self._target),
+            version=self._parser.get_http_version().encode("ascii"),
+            headers=headers,
+        )
+        if head.method == b"CONNECT":
+            self._connect = head
+            return
+        body = _request_body(headers)
+        pending = _Pending(head, body, self._parser.should_keep_alive())
+        self._parsing = pending if body.present else None
+        self._queue.append(pending)
+        if self._active is None:
+            self._start_next()
+        else:
+            self._pause("pipeline")
+
+    def on_body(self, data: bytes) -> None:
+        if self._parsing is not None:
+            self._parsing.body.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self._parsing is not None:
+            self._parsing.body.end()
+            self._parsing = None
+
+    # -- responses -----------------------------------------------------------------
+
+    def _start_next(self) -> None:
+        if not self._queue or not self.connected:
+            return
+        pending = self._queue.popleft()
+        writer = ResponseWriter(self, pending.head, pending.keep_alive)
+        self._active = writer
+        body = pending.body
+        body.set_flow_control(
+            lambda: self._pause("body"), lambda: self._resume("body")
+        )
+        if _expects_continue(pending.head) and not body.complete:
+            # RFC 9110 section 10.1.1: the proxy answers 100 itself and sends the
+            # body on, rather than making the client wait for the origin.
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.proxy.handle(pending.head, body, writer, self.client)
+
+    def response_finished(
+        self, writer: ResponseWriter, keep_alive: bool, abort: bool = False
+    ) -> None:
+        """The active response ended; close, or go on to the next request."""
+        if writer is not self._active:
+            return
+        self._active = None
+        self.unregister_producer()
+        if not keep_alive or abort:
+            self._close(abort)
+            return
+        if self._queue:
+            self._start_next()
+        else:
+            self._resume("pipeline")
+
+    def send(self, data: bytes) -> None:
+        """Write to the client if it is still connected."""
+        if self.connected:
+            self.transport.write(data)  # type: ignore[attr-defined]
+
+    def register_producer(self, producer: Any, streaming: bool) -> None:
+        """Register a producer on the client transport (backpressure)."""
+        if self.connected:
+            self.transport.registerProducer(producer, streaming)  # type: ignore[attr-defined]
+
+    def unregister_producer(self) -> None:
+        """Unregister the producer, if any."""
+        if self.transport is not None and self.transport.producer is not None:  # type: ignore[attr-defined]
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+
+    def _upgrade(self, data: bytes, offset: int) -> None:
+        """llhttp stopped at a CONNECT or an ``Upgrade`` request."""
+        if self._connect is not None:
+            # Tunnels come with issue 4.
+            self._reject(501, "CONNECT is not supported by this proxy yet")
+            return
+        # Upgrade is hop-by-hop (RFC 9110 section 7.8): the request was already
+        # handed on as an ordinary one; parse what follows with a fresh parser.
+        self._parser = httptools.HttpRequestParser(self)
+        if offset < len(data):
+            self.dataReceived(data[offset:])
+
+    def _reject(self, status: int, message: str) -> None:
+        """Answer a request the parser or a limit refused, then close."""
+        log.info(
+            "rejected request from {client}: {status} {message}",
+            client=self.client,
+            status=status,
+            message=message,
+        )
+        self._closing = True
+        self._queue.clear()
+        if self._active is not None:
+            # A response is under way; the client cannot be told in order.
+            self._close(abort=False)
+            return
+        head = RequestHead(b"-", bytes(self._target[:200]) or b"-")
+        writer = ResponseWriter(self, head, keep_alive=False)
+        self._active = writer
+        self.proxy.reject(head, writer, self.client, status, message)
+
+    def _close(self, abort: bool) -> None:
+        self._closing = True
+        if not self.connected:
+            return
+        if abort:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        else:
+            self.transport.loseConnection()  # type: ignore[attr-defined]
+
+    def _pause(self, why: str) -> None:
+        if not self._pauses and self.connected:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._pauses.add(why)
+
+    def _resume(self, why: str) -> None:
+        self._pauses.discard(why)
+        if not self._pauses and self.connected:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+
+def _request_body(headers: Headers) -> RequestBody:
+    """The body framing the request declares (RFC 9112 section 6.3)."""
+    if header_values(headers, b"transfer-encoding"):
+        return RequestBody(None, present=True)
+    lengths = header_values(headers, b"content-length")
+    if lengths:
+        length = int(lengths[0])
+        return RequestBody(length, present=length > 0)
+    return RequestBody(None, present=False)
+
+
+def _expects_continue(head: RequestHead) -> bool:
+    return any(
+        v.strip().lower() == b"100-continue"
+        for v in header_values(head.headers, b"expect")
+    ) and head.version == b"1.1"
+
+
+class ProxyFactory(Factory):
+    """Makes a L{ProxyProtocol} for every client connection."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def buildProtocol(self, addr: IAddress) -> ProxyProtocol:
+        protocol = ProxyProtocol(self.proxy)
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,117 @@
+"""Builds the running proxy from a Config: store, origin client, log, listening port."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from cacheproxy.accesslog import AccessLog
+from cacheproxy.exchange import Proxy
+from cacheproxy.model import Config
+from cacheproxy.options import Options
+from cacheproxy.origin import Origin
+from cacheproxy.server import ProxyFactory
+from cacheproxy.store import Store
+
+__all__ = ["Options", "makeService", "ProxyService"]
+
+log = Logger()
+
+
+def proxy_pseudonym(cache_dir: str) -> str:
+    """This cache's ``Via`` pseudonym, ``cacheproxy-<id>``, kept in the cache dir."""
+    path = os.path.join(cache_dir, "proxy-id")
+    try:
+        with open(path, encoding="ascii") as file:
+            ident = file.read().strip()
+        if ident:
+            return f"cacheproxy-{ident}"
+    except FileNotFoundError:
+        pass
+    ident = secrets.token_hex(4)
+    with open(path, "w", encoding="ascii") as file:
+        file.write(ident + "\n")
+    return f"cacheproxy-{ident}"
+
+
+class _Resources(Service):
+    """Starts the store's thread pool; at stop closes the pool, the origins, the store."""
+
+    def __init__(self, threadpool: ThreadPool, origin: Origin, store: Store) -> None:
+        self._threadpool = threadpool
+        self._origin = origin
+        self._store = store
+
+    def startService(self) -> None:
+        super().startService()
+        self._threadpool.start()
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        yield self._origin.close()
+        self._threadpool.stop()
+        self._store.close()
+
+
+class ProxyService(MultiService):
+    """The whole proxy as one twistd service.
+
+    @ivar proxy: the shared request-handling state.
+    @ivar listening: fires with the listening port once it is bound.
+    """
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        os.makedirs(config.cache_dir, exist_ok=True)
+        store = Store(config.cache_dir, config.cache_size)
+        origin = Origin(reactor, config.origin_timeout)
+        threadpool = ThreadPool(minthreads=1, maxthreads=4, name="cacheproxy-store")
+        access_log = AccessLog(config.access_log, reactor)
+        self.proxy = Proxy(
+            reactor,
+            config,
+            store,
+            origin,
+            access_log,
+            proxy_pseudonym(config.cache_dir),
+            threadpool,
+        )
+        _Resources(threadpool, origin, store).setServiceParent(self)
+        access_log.setServiceParent(self)
+        endpoint = serverFromString(reactor, config.port)
+        listener = StreamServerEndpointService(endpoint, ProxyFactory(self.proxy))
+        listener._raiseSynchronously = True
+        listener.setServiceParent(self)
+        self._listener = listener
+
+    @property
+    def listening(self) -> defer.Deferred[IListeningPort]:
+        """The bound port (read ``getHost().port`` after listening on port 0)."""
+        waiting: defer.Deferred[IListeningPort] = self._listener._waitingForPort
+        return waiting
+
+    def startService(self) -> None:
+        super().startService()
+        log.info(
+            "cacheproxy {pseudonym} listening on {port}, cache in {cache}",
+            pseudonym=self.proxy.pseudonym,
+            port=self.proxy.config.port,
+            cache=self.proxy.config.cache_dir,
+        )
+
+
+def makeService(options: Options) -> ProxyService:
+    """twistd's entry point: the proxy service for these options."""
+    from twisted.internet import reactor
+
+    return ProxyService(options["config"], reactor)

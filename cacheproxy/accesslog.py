@@ -1,9 +1,9 @@
-"""The access log: one line per request in Squid's native format, written buffered.
+"""The access log: one line per request in Squid's native format, buffered.
 
-Squid's ``logformat squid``:
-``time.ms elapsed_ms client code/status bytes method URL - hierarchy/peer content-type``.
-Lines are collected in memory and written at most a second later (and at shutdown), so a
-response never waits for the disk.
+Squid's ``logformat squid``, field by field:
+``time.ms elapsed_ms client code/status bytes method URL - hierarchy/peer type``.
+Lines are collected in memory and written at most a second later (and at shutdown),
+so a response never waits for the disk.
 """
 
 from __future__ import annotations
@@ -33,25 +33,19 @@ def squid_line(
     content_type: bytes | None,
 ) -> str:
     """One access-log line in Squid's native format, without the newline."""
-    return "%d.%03d %6d %s %s/%03d %d %s %s - %s %s" % (
-        int(now),
-        int(now * 1000) % 1000,
-        max(0, int(elapsed * 1000)),
-        client,
-        code,
-        status,
-        size,
-        _token(method),
-        _token(url),
-        hierarchy,
-        _token(content_type) if content_type else "-",
+    millis = int(now * 1000)
+    kind = _token(content_type) if content_type else "-"
+    return (
+        f"{millis // 1000}.{millis % 1000:03d} {max(0, int(elapsed * 1000)):6d} "
+        f"{client} {code}/{status:03d} {size} {_token(method)} {_token(url)} - "
+        f"{hierarchy} {kind}"
     )
 
 
 def _token(value: bytes) -> str:
-    """A log field from raw bytes: no spaces or control characters can split the line."""
+    """A log field from raw bytes; spaces and control characters are escaped."""
     text = value.decode("latin-1")
-    return "".join(c if " " < c < "\x7f" else "%%%02X" % ord(c) for c in text) or "-"
+    return "".join(c if " " < c < "\x7f" else f"%{ord(c):02X}" for c in text) or "-"
 
 
 class AccessLog(Service):

@@ -19,12 +19,13 @@ from email.utils import formatdate
 from typing import Any, TypeVar
 
 from twisted.internet import defer, error, threads
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from cacheproxy import policy
@@ -88,7 +89,11 @@ class Proxy:
         self._threadpool = threadpool
 
     def handle(
-        self, request: RequestHead, body: RequestBody, writer: ResponseWriter, client: str
+        self,
+        request: RequestHead,
+        body: RequestBody,
+        writer: ResponseWriter,
+        client: str,
     ) -> None:
         """Answer one request from ``client`` through ``writer``."""
         exchange = Exchange(self, request, body, writer, client)
@@ -109,7 +114,9 @@ class Proxy:
 
     def in_thread(self, function: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         """Run a blocking store call in the store's thread pool."""
-        return threads.deferToThreadPool(self.reactor, self._threadpool, function, *args)
+        return threads.deferToThreadPool(
+            self.reactor, self._threadpool, function, *args
+        )
 
 
 class Exchange:
@@ -287,10 +294,14 @@ class Exchange:
         except error.DNSLookupError:
             self.fail(502, f"cannot resolve the origin's host name {host}")
         except error.ConnectError as reason:
-            self.fail(502, f"cannot connect to the origin {host}: {reason.osError or reason}")
+            self.fail(
+                502, f"cannot connect to the origin {host}: {reason.osError or reason}"
+            )
         except Exception as reason:
             log.info("origin {host} failed: {reason!r}", host=host, reason=reason)
-            self.fail(502, f"the origin {host} closed the connection without a response")
+            self.fail(
+                502, f"the origin {host} closed the connection without a response"
+            )
         return None
 
     async def _relay(
@@ -316,7 +327,7 @@ class Exchange:
             head.status, head.reason, head.headers + self._proxy_headers(status), length
         )
         receiver = _OriginBody(self.writer, sink, self.proxy.config.max_object_size)
-        response.deliverBody(receiver)  # type: ignore[no-untyped-call]
+        response.deliverBody(receiver)
         complete = await receiver.done
         if sink is not None:
             whole = complete and (length is None or sink.size == length)
@@ -355,7 +366,9 @@ class Exchange:
             log.failure("storing {url} failed", url=entry.url)
             sink.abort()
 
-    def _store_writer(self, head: ResponseHead, length: int | None) -> BodyWriter | None:
+    def _store_writer(
+        self, head: ResponseHead, length: int | None
+    ) -> BodyWriter | None:
         """A writer for the body if this response may be stored, else None."""
         if self.request.method != b"GET" or not policy.is_storable(self.request, head):
             return None
@@ -399,7 +412,7 @@ class Exchange:
             return None
         if response.length is UNKNOWN_LENGTH:
             return None
-        return int(response.length)  # type: ignore[arg-type]
+        return int(response.length)
 
     def _origin_headers(self, conditional: Headers = ()) -> Headers:
         """The request fields sent to the origin (RFC 9110 section 7.6)."""
@@ -415,6 +428,7 @@ class Exchange:
         )
 
     def _host(self) -> str:
+        """The origin's host (and port, when not the default) from the cache key."""
         return self.key.split("/")[2] if self.key.count("/") >= 2 else "-"
 
     def fail(self, status: int, message: str) -> None:
@@ -494,7 +508,7 @@ class _OriginBody(Protocol):
             log.failure("cannot write a body to the store")
             self.oversize = True
 
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._client.unregisterProducer()
         self.done.callback(bool(reason.check(ResponseDone, PotentialDataLoss)))
 
@@ -504,8 +518,8 @@ async def _discard_body(response: IResponse) -> None:
     done: defer.Deferred[None] = defer.Deferred()
 
     class _Drop(Protocol):
-        def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        def connectionLost(self, reason: Failure = connectionDone) -> None:
             done.callback(None)
 
-    response.deliverBody(_Drop())  # type: ignore[no-untyped-call]
+    response.deliverBody(_Drop())
     await done

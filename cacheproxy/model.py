@@ -2,9 +2,9 @@
 
 Rules of this module:
 - It imports only the standard library, so the pure policy can use it.
-- Header names and values are raw ``bytes``; a header list is a tuple of ``(name, value)``
-  pairs in the order received, repeats kept (two ``Set-Cookie`` stay two).
-- Name comparisons are case-insensitive (RFC 9110 section 5.1); values are never decoded.
+- Header names and values are raw ``bytes``; a header list is a tuple of
+  ``(name, value)`` pairs in the order received, repeats kept.
+- Names compare case-insensitively (RFC 9110 section 5.1); values are never decoded.
 """
 
 from __future__ import annotations

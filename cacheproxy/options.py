@@ -56,20 +56,40 @@ class Options(usage.Options):
         "RFC 9111 allows and fetches from the origin otherwise."
     )
     optParameters = [
-        ["port", "p", "tcp:3128",
-         "where to listen: a port number or a Twisted endpoint string "
-         "(tcp:3128:interface=127.0.0.1)"],
+        [
+            "port",
+            "p",
+            "tcp:3128",
+            "where to listen: a port number or a Twisted endpoint string "
+            "(tcp:3128:interface=127.0.0.1)",
+        ],
         ["cache-dir", None, "var/cache", "the cache directory (created if missing)"],
-        ["cache-size", None, "1G",
-         "disk budget of the store (500M, 2G); least recently used entries "
-         "are evicted past it"],
-        ["max-object-size", None, "256M",
-         "responses larger than this are relayed but not stored"],
-        ["access-log", None, "var/log/access.log",
-         "one line per request in Squid's format ('-' for standard output)"],
-        ["origin-timeout", None, "60",
-         "seconds to connect to an origin and receive the first byte of its "
-         "response before answering 504"],
+        [
+            "cache-size",
+            None,
+            "1G",
+            "disk budget of the store (500M, 2G); least recently used entries "
+            "are evicted past it",
+        ],
+        [
+            "max-object-size",
+            None,
+            "256M",
+            "responses larger than this are relayed but not stored",
+        ],
+        [
+            "access-log",
+            None,
+            "var/log/access.log",
+            "one line per request in Squid's format ('-' for standard output)",
+        ],
+        [
+            "origin-timeout",
+            None,
+            "60",
+            "seconds to connect to an origin and receive the first byte of its "
+            "response before answering 504",
+        ],
     ]
 
     def postOptions(self) -> None:

@@ -1,4 +1,4 @@
-"""The origin side: requests to origin servers over Twisted's Agent and a connection pool.
+"""The origin side: requests to origins over Twisted's Agent and a connection pool.
 
 Rules of this module:
 - One persistent L{HTTPConnectionPool} for the whole proxy, so connections to an origin
@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.web import _newclient
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers as TwistedHeaders
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -25,7 +25,7 @@ from cacheproxy.model import Headers
 from cacheproxy.server import RequestBody
 
 
-class _ConnectionShowingParser(_newclient.HTTPClientParser):  # type: ignore[misc]
+class _ConnectionShowingParser(_newclient.HTTPClientParser):
     """Agent's response parser, but leaving ``Connection`` in the response headers.
 
     Agent keeps ``Connection`` to itself, and with it the names of the fields that the
@@ -44,7 +44,19 @@ def _show_connection_field() -> None:
     Agent offers no hook for its parser; HTTP11ClientProtocol looks the class up by
     name in its module, so replacing that name is the narrowest change possible.
     """
-    _newclient.HTTPClientParser = _ConnectionShowingParser
+    _newclient.HTTPClientParser = _ConnectionShowingParser  # type: ignore[misc]
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    """The pool's connection factory, without a log line per origin connection."""
+
+    noisy = False
+
+
+class _QuietPool(HTTPConnectionPool):
+    """A connection pool whose connections are not announced in the log."""
+
+    _factory = _QuietFactory
 
 
 class OriginTimeout(Exception):
@@ -64,7 +76,12 @@ class BodyProducer:
 
     def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
         done: defer.Deferred[None] = defer.Deferred()
-        self._body.attach(consumer.write, lambda: done.called or done.callback(None))
+
+        def end() -> None:
+            if not done.called:
+                done.callback(None)
+
+        self._body.attach(consumer.write, end)
         return done
 
     def pauseProducing(self) -> None:
@@ -86,7 +103,7 @@ class Origin:
     def __init__(self, reactor: Any, timeout: float, per_host: int = 16) -> None:
         self._reactor: IReactorTime = reactor
         self.timeout = timeout
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = _QuietPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = per_host
         self._pool.cachedConnectionTimeout = 60
         self._agent = Agent(reactor, connectTimeout=timeout, pool=self._pool)
@@ -111,4 +128,5 @@ class Origin:
 
     def close(self) -> defer.Deferred[None]:
         """Close pooled connections."""
-        return self._pool.closeCachedConnections()
+        closed: defer.Deferred[None] = self._pool.closeCachedConnections()
+        return closed

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 from twisted.internet.interfaces import IAddress, IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -98,9 +98,7 @@ class RequestBody:
         if self._on_end is not None:
             self._on_end()
 
-    def attach(
-        self, sink: Callable[[bytes], None], on_end: Callable[[], None]
-    ) -> None:
+    def attach(self, sink: Callable[[bytes], None], on_end: Callable[[], None]) -> None:
         """Send buffered and future chunks to ``sink``; call ``on_end`` at the end."""
         buffered, self._buffer = self._buffer, []
         self._sink = sink
@@ -136,8 +134,8 @@ class RequestBody:
 class ResponseWriter:
     """Writes one response to the client, framing its body (RFC 9112 section 6).
 
-    A known length is sent with ``Content-Length``; an unknown one chunked to an HTTP/1.1
-    client, or delimited by closing the connection for HTTP/1.0.
+    A known length is sent with ``Content-Length``; an unknown one chunked to an
+    HTTP/1.1 client, or delimited by closing the connection for HTTP/1.0.
 
     @ivar status: the status sent, 0 before the head is written.
     @ivar bytes_sent: bytes written to the client, head included.
@@ -162,7 +160,7 @@ class ResponseWriter:
     @property
     def connected(self) -> bool:
         """Whether the client is still there to read the response."""
-        return self._channel.connected and not self.finished
+        return bool(self._channel.connected) and not self.finished
 
     def start(
         self, status: int, reason: bytes, headers: Headers, length: int | None
@@ -173,7 +171,9 @@ class ResponseWriter:
             self._bodyless = True
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _REASONS.get(status, b""))]
         lines.extend(b"%s: %s\r\n" % (name, value) for name, value in headers)
-        if not self._bodyless or (self._request.method == b"HEAD" and length is not None):
+        if not self._bodyless or (
+            self._request.method == b"HEAD" and length is not None
+        ):
             if length is not None:
                 lines.append(b"Content-Length: %d\r\n" % length)
             elif self._request.version == b"1.1":
@@ -269,6 +269,7 @@ class ProxyProtocol(Protocol):
         self._header_bytes = 0
         self._pauses: set[str] = set()
         self._closing = False
+        self._tcp: Any = None
         self._connect: RequestHead | None = None
         self.client = "-"
 
@@ -276,10 +277,12 @@ class ProxyProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
-        peer: IAddress = self.transport.getPeer()  # type: ignore[attr-defined]
+        # A TCP (or UNIX) transport: ITransport lacks the producer methods used here.
+        self._tcp = self.transport
+        peer: IAddress = self._tcp.getPeer()
         self.client = getattr(peer, "host", "-")
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
         self._queue.clear()
         if self._parsing is not None:
@@ -362,9 +365,7 @@ class ProxyProtocol(Protocol):
         writer = ResponseWriter(self, pending.head, pending.keep_alive)
         self._active = writer
         body = pending.body
-        body.set_flow_control(
-            lambda: self._pause("body"), lambda: self._resume("body")
-        )
+        body.set_flow_control(lambda: self._pause("body"), lambda: self._resume("body"))
         if _expects_continue(pending.head) and not body.complete:
             # RFC 9110 section 10.1.1: the proxy answers 100 itself and sends the
             # body on, rather than making the client wait for the origin.
@@ -390,17 +391,17 @@ class ProxyProtocol(Protocol):
     def send(self, data: bytes) -> None:
         """Write to the client if it is still connected."""
         if self.connected:
-            self.transport.write(data)  # type: ignore[attr-defined]
+            self._tcp.write(data)
 
     def register_producer(self, producer: Any, streaming: bool) -> None:
         """Register a producer on the client transport (backpressure)."""
         if self.connected:
-            self.transport.registerProducer(producer, streaming)  # type: ignore[attr-defined]
+            self._tcp.registerProducer(producer, streaming)
 
     def unregister_producer(self) -> None:
         """Unregister the producer, if any."""
-        if self.transport is not None and self.transport.producer is not None:  # type: ignore[attr-defined]
-            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+        if self._tcp is not None and self._tcp.producer is not None:
+            self._tcp.unregisterProducer()
 
     def _upgrade(self, data: bytes, offset: int) -> None:
         """llhttp stopped at a CONNECT or an ``Upgrade`` request."""
@@ -438,19 +439,19 @@ class ProxyProtocol(Protocol):
         if not self.connected:
             return
         if abort:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self._tcp.abortConnection()
         else:
-            self.transport.loseConnection()  # type: ignore[attr-defined]
+            self._tcp.loseConnection()
 
     def _pause(self, why: str) -> None:
         if not self._pauses and self.connected:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self._tcp.pauseProducing()
         self._pauses.add(why)
 
     def _resume(self, why: str) -> None:
         self._pauses.discard(why)
         if not self._pauses and self.connected:
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self._tcp.resumeProducing()
 
 
 def _request_body(headers: Headers) -> RequestBody:
@@ -465,19 +466,24 @@ def _request_body(headers: Headers) -> RequestBody:
 
 
 def _expects_continue(head: RequestHead) -> bool:
-    return any(
-        v.strip().lower() == b"100-continue"
-        for v in header_values(head.headers, b"expect")
-    ) and head.version == b"1.1"
+    return (
+        any(
+            v.strip().lower() == b"100-continue"
+            for v in header_values(head.headers, b"expect")
+        )
+        and head.version == b"1.1"
+    )
 
 
 class ProxyFactory(Factory):
     """Makes a L{ProxyProtocol} for every client connection."""
 
+    noisy = False
+
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
 
-    def buildProtocol(self, addr: IAddress) -> ProxyProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> ProxyProtocol:
         protocol = ProxyProtocol(self.proxy)
         protocol.factory = self
         return protocol

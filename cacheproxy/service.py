@@ -44,7 +44,7 @@ def proxy_pseudonym(cache_dir: str) -> str:
 
 
 class _Resources(Service):
-    """Starts the store's thread pool; at stop closes the pool, the origins, the store."""
+    """Starts the store's threads; at stop closes the threads, origins and store."""
 
     def __init__(self, threadpool: ThreadPool, origin: Origin, store: Store) -> None:
         self._threadpool = threadpool
@@ -97,21 +97,28 @@ class ProxyService(MultiService):
     @property
     def listening(self) -> defer.Deferred[IListeningPort]:
         """The bound port (read ``getHost().port`` after listening on port 0)."""
-        waiting: defer.Deferred[IListeningPort] = self._listener._waitingForPort
+        waiting: defer.Deferred[IListeningPort] | None = self._listener._waitingForPort
+        assert waiting is not None, "listening is known once the service started"
         return waiting
 
     def startService(self) -> None:
         super().startService()
+        self.listening.addCallback(self._announce)
+
+    def _announce(self, port: IListeningPort) -> IListeningPort:
+        address = port.getHost()
         log.info(
-            "cacheproxy {pseudonym} listening on {port}, cache in {cache}",
+            "cacheproxy {pseudonym} listening on {host}:{port}, cache in {cache}",
             pseudonym=self.proxy.pseudonym,
-            port=self.proxy.config.port,
+            host=getattr(address, "host", "?"),
+            port=getattr(address, "port", "?"),
             cache=self.proxy.config.cache_dir,
         )
+        return port
 
 
 def makeService(options: Options) -> ProxyService:
     """twistd's entry point: the proxy service for these options."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor  # noqa: TID251 (the one place it is chosen)
 
     return ProxyService(options["config"], reactor)

@@ -64,7 +64,9 @@ class _Root(resource.Resource):
         body = request.content.read() if request.content else b""
         if request.content:
             request.content.seek(0)
-        raw = [(n, v) for n, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
+        raw = [
+            (n, v) for n, vs in request.requestHeaders.getAllRawHeaders() for v in vs
+        ]
         seen = Seen(request.method, request.uri, raw, body)
         path = request.path
         self._origin.requests[path].append(seen)
@@ -91,7 +93,10 @@ class Origin:
         return self.url(path)
 
     def static(
-        self, path: str, body: bytes, headers: dict[str, str] | None = None,
+        self,
+        path: str,
+        body: bytes,
+        headers: dict[str, str] | None = None,
         status: int = 200,
     ) -> str:
         """Serve a fixed response at ``path``."""
@@ -186,7 +191,10 @@ class _Client(protocol.Protocol):
 
 
 async def send_raw(
-    port: int, data: bytes, expected: int = 1, head_only: bool = False,
+    port: int,
+    data: bytes,
+    expected: int = 1,
+    head_only: bool = False,
     keep_open: bool = False,
 ) -> list[Response]:
     """Send ``data`` to 127.0.0.1:port; the responses once ``expected`` arrived."""
@@ -210,8 +218,11 @@ async def protocol_connect(endpoint: Any, proto: protocol.Protocol) -> Any:
 
 
 def request_bytes(
-    method: str, url: str, headers: dict[str, str] | list[tuple[str, str]] | None = None,
-    body: bytes | None = None, version: str = "1.1",
+    method: str,
+    url: str,
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
+    body: bytes | None = None,
+    version: str = "1.1",
 ) -> bytes:
     """A request in absolute form, with Host, as a proxy client sends it."""
     from urllib.parse import urlsplit
@@ -222,15 +233,19 @@ def request_bytes(
     if "host" not in names and url.startswith("http"):
         lines.append(f"Host: {urlsplit(url).netloc}")
     lines += [f"{n}: {v}" for n, v in items]
-    if body is not None and "content-length" not in names and (
-        "transfer-encoding" not in names
+    if (
+        body is not None
+        and "content-length" not in names
+        and ("transfer-encoding" not in names)
     ):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
 
 
 async def fetch(
-    port: int, method: str, url: str,
+    port: int,
+    method: str,
+    url: str,
     headers: dict[str, str] | list[tuple[str, str]] | None = None,
     body: bytes | None = None,
 ) -> Response:
@@ -239,3 +254,60 @@ async def fetch(
     responses = await send_raw(port, data, 1, head_only=(method == "HEAD"))
     assert responses, "the proxy closed the connection without a response"
     return responses[0]
+
+
+class _RawOriginProtocol(protocol.Protocol):
+    """Reads one request head, then lets the test's script answer it byte by byte."""
+
+    def __init__(self, origin: RawOrigin) -> None:
+        self._origin = origin
+        self._buffer = b""
+
+    def connectionMade(self) -> None:
+        self._origin.connections.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while b"\r\n\r\n" in self._buffer:
+            head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
+            self._origin.requests.append(head)
+            self._origin.script(self.transport, head)
+
+
+@dataclass
+class RawOrigin:
+    """An origin that answers with whatever bytes a test scripts, counting requests."""
+
+    script: Callable[[Any, bytes], None]
+    requests: list[bytes] = field(default_factory=list)
+    connections: list[_RawOriginProtocol] = field(default_factory=list)
+    port: Any = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port.getHost().port}{path}"
+
+    async def stop(self) -> None:
+        for connection in self.connections:
+            if connection.transport is not None:
+                connection.transport.abortConnection()
+        await defer.maybeDeferred(self.port.stopListening)
+
+
+def start_raw_origin(script: Callable[[Any, bytes], None]) -> RawOrigin:
+    """Listen on 127.0.0.1:0; ``script(transport, head)`` answers each request."""
+    origin = RawOrigin(script)
+    factory = protocol.Factory.forProtocol(lambda: _RawOriginProtocol(origin))
+    factory.noisy = False
+    origin.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    return origin
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait, polling the reactor, until ``predicate()`` holds, at most ``timeout``."""
+    from twisted.internet import task
+
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await task.deferLater(reactor, 0.02, lambda: None)

@@ -103,7 +103,9 @@ async def test_expect_continue_is_answered(origin: Origin, proxy: RunningProxy):
 
 
 @pytest_twisted.ensureDeferred
-async def test_pipelined_requests_answered_in_order(origin: Origin, proxy: RunningProxy):
+async def test_pipelined_requests_answered_in_order(
+    origin: Origin, proxy: RunningProxy
+):
     """Three pipelined requests on one connection get three responses in order."""
     urls = [origin.static(f"/p{i}", b"body %d" % i) for i in range(3)]
     data = b"".join(request_bytes("GET", url) for url in urls)
@@ -162,7 +164,9 @@ async def test_hop_by_hop_stripped_via_added_repeats_kept(
     assert seen.header("Proxy-Connection") is None
     assert seen.header("Proxy-Authorization") is None
     assert seen.header("X-End") == "yes"
-    assert seen.header("Via", ).startswith("1.1 cacheproxy-")
+    assert seen.header(
+        "Via",
+    ).startswith("1.1 cacheproxy-")
     assert response.headers_named("Set-Cookie") == ["a=1", "b=2"]
     assert response.header("X-Private") is None
     assert response.header("Keep-Alive") is None

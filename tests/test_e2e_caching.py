@@ -1,0 +1,305 @@
+"""End to end: what is stored, served, revalidated and replaced (issue 2)."""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.web import server
+
+from tests.conftest import RunningProxy, start_proxy
+from tests.support import (
+    Origin,
+    fetch,
+    request_bytes,
+    send_raw,
+    start_raw_origin,
+)
+
+
+def _http_date(offset: float = 0.0) -> str:
+    return formatdate(reactor.seconds() + offset, usegmt=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_store_and_private_are_not_stored(origin: Origin, proxy: RunningProxy):
+    """Responses marked no-store or private go to the origin every time."""
+    for path, directive in (("/ns", "no-store"), ("/pr", "private, max-age=60")):
+        url = origin.static(path, b"x", {"Cache-Control": directive})
+        first = await fetch(proxy.port, "GET", url)
+        second = await fetch(proxy.port, "GET", url)
+        assert first.header("Cache-Status") == "cacheproxy; fwd=miss"
+        assert second.header("Cache-Status") == "cacheproxy; fwd=miss"
+        assert origin.count(path) == 2
+
+
+def _etag_route(origin: Origin, path: str, cache_control: str, bodies: list[bytes]):
+    """A route answering 304 to a matching If-None-Match, else the next body."""
+    state = {"version": 0}
+
+    def handler(request: server.Request) -> bytes:
+        etag = b'"v%d"' % state["version"]
+        request.setHeader(b"Cache-Control", cache_control.encode())
+        request.setHeader(b"ETag", etag)
+        request.setHeader(b"X-Version", b"%d" % state["version"])
+        if request.getHeader(b"if-none-match") == etag:
+            request.setResponseCode(304)
+            return b""
+        return bodies[state["version"]]
+
+    return origin.route(path, handler), state
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_cache_is_stored_and_revalidated(origin: Origin, proxy: RunningProxy):
+    """A no-cache response is stored; each use is revalidated, a 304 serves the body."""
+    url, _ = _etag_route(origin, "/nc", "no-cache", [b"stored body"])
+    first = await fetch(proxy.port, "GET", url)
+    second = await fetch(proxy.port, "GET", url)
+    assert first.header("Cache-Status") == "cacheproxy; fwd=miss; stored"
+    assert second.status == 200
+    assert second.body == b"stored body"
+    assert "fwd-status=304" in second.header("Cache-Status")
+    seen = origin.requests[b"/nc"]
+    assert len(seen) == 2
+    assert seen[1].header("If-None-Match") == '"v0"'
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_entry_refreshed_by_304_updates_headers(
+    origin: Origin, proxy: RunningProxy
+):
+    """A 304 whose ETag matches refreshes the stored headers and the freshness."""
+    state = {"calls": 0}
+
+    def handler(request: server.Request) -> bytes:
+        state["calls"] += 1
+        request.setHeader(b"ETag", b'"same"')
+        if state["calls"] == 1:
+            request.setHeader(b"Cache-Control", b"max-age=0")
+            request.setHeader(b"X-Note", b"first")
+            return b"the body"
+        assert request.getHeader(b"if-none-match") == b'"same"'
+        request.setResponseCode(304)
+        request.setHeader(b"Cache-Control", b"max-age=300")
+        request.setHeader(b"X-Note", b"refreshed")
+        return b""
+
+    url = origin.route("/r", handler)
+    await fetch(proxy.port, "GET", url)
+    refreshed = await fetch(proxy.port, "GET", url)
+    hit = await fetch(proxy.port, "GET", url)
+    assert refreshed.body == hit.body == b"the body"
+    assert refreshed.header("X-Note") == "refreshed"
+    assert refreshed.header("Content-Length") == "8"
+    assert hit.header("Cache-Status") == "cacheproxy; hit"
+    assert hit.header("X-Note") == "refreshed"
+    assert origin.count("/r") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_entry_replaced_by_new_200(origin: Origin, proxy: RunningProxy):
+    """When revalidation brings a new body, it is relayed and replaces the old one."""
+    url, state = _etag_route(origin, "/v", "max-age=0", [b"old", b"new"])
+    await fetch(proxy.port, "GET", url)
+    state["version"] = 1
+    changed = await fetch(proxy.port, "GET", url)
+    assert changed.body == b"new"
+    assert changed.header("X-Version") == "1"
+    state["version"] = 1
+    again = await fetch(proxy.port, "GET", url)
+    assert again.body == b"new"
+    assert origin.requests[b"/v"][2].header("If-None-Match") == '"v1"'
+
+
+@pytest_twisted.ensureDeferred
+async def test_last_modified_revalidation(origin: Origin, proxy: RunningProxy):
+    """Without an ETag, revalidation sends If-Modified-Since with Last-Modified."""
+    modified = _http_date(-3600)
+
+    def handler(request: server.Request) -> bytes:
+        request.setHeader(b"Last-Modified", modified.encode())
+        request.setHeader(b"Cache-Control", b"max-age=0")
+        if request.getHeader(b"if-modified-since") == modified.encode():
+            request.setResponseCode(304)
+            return b""
+        return b"dated"
+
+    url = origin.route("/lm", handler)
+    await fetch(proxy.port, "GET", url)
+    second = await fetch(proxy.port, "GET", url)
+    assert second.body == b"dated"
+    assert origin.requests[b"/lm"][1].header("If-Modified-Since") == modified
+
+
+@pytest_twisted.ensureDeferred
+async def test_vary_keeps_one_variant_per_request_value(
+    origin: Origin, proxy: RunningProxy
+):
+    """Responses that Vary on a field are stored and served per value of it."""
+
+    def handler(request: server.Request) -> bytes:
+        request.setHeader(b"Vary", b"Accept-Language")
+        request.setHeader(b"Cache-Control", b"max-age=300")
+        return b"lang=" + (request.getHeader(b"accept-language") or b"none")
+
+    url = origin.route("/vary", handler)
+    en = await fetch(proxy.port, "GET", url, {"Accept-Language": "en"})
+    fr = await fetch(proxy.port, "GET", url, {"Accept-Language": "fr"})
+    en2 = await fetch(proxy.port, "GET", url, {"Accept-Language": "en"})
+    fr2 = await fetch(proxy.port, "GET", url, {"Accept-Language": "fr"})
+    none = await fetch(proxy.port, "GET", url)
+    assert (en.body, fr.body) == (b"lang=en", b"lang=fr")
+    assert (en2.body, fr2.body) == (b"lang=en", b"lang=fr")
+    assert en2.header("Cache-Status") == fr2.header("Cache-Status") == "cacheproxy; hit"
+    assert none.body == b"lang=none"
+    assert none.header("Cache-Status").startswith("cacheproxy; fwd=vary-miss")
+    assert origin.count("/vary") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_age_counts_the_origins_age(origin: Origin, proxy: RunningProxy):
+    """A stored response's Age includes the Age the origin reported (RFC 9111 4.2.3)."""
+    url = origin.static("/aged", b"a", {"Cache-Control": "max-age=600", "Age": "100"})
+    await fetch(proxy.port, "GET", url)
+    hit = await fetch(proxy.port, "GET", url)
+    assert hit.header("Cache-Status") == "cacheproxy; hit"
+    assert 100 <= int(hit.header("Age")) < 110
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_response_goes_back_to_the_origin(
+    origin: Origin, proxy: RunningProxy
+):
+    """An Expires in the past makes a stored response stale, so it is fetched again."""
+    url = origin.static("/exp", b"e", {"Expires": _http_date(-60)})
+    await fetch(proxy.port, "GET", url)
+    second = await fetch(proxy.port, "GET", url)
+    assert second.header("Cache-Status").startswith("cacheproxy; fwd=stale")
+    assert origin.count("/exp") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_object_relayed_not_stored(origin: Origin, tmp_path):
+    """A response over --max-object-size reaches the client whole but is not stored."""
+    running = await start_proxy(tmp_path, max_object_size=1000)
+    try:
+        url = origin.static("/huge", b"h" * 5000, {"Cache-Control": "max-age=60"})
+        first = await fetch(running.port, "GET", url)
+        second = await fetch(running.port, "GET", url)
+    finally:
+        await running.service.stopService()
+    assert first.body == second.body == b"h" * 5000
+    assert first.header("Cache-Status") == "cacheproxy; fwd=miss"
+    assert origin.count("/huge") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunked_body_without_length_stored_whole(tmp_path):
+    """A chunked origin body (no Content-Length) is relayed and stored complete."""
+
+    def script(transport, head):
+        transport.write(
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            b"4\r\nabcd\r\n3\r\nefg\r\n0\r\n\r\n"
+        )
+
+    raw = start_raw_origin(script)
+    running = await start_proxy(tmp_path)
+    try:
+        first = await fetch(running.port, "GET", raw.url("/c"))
+        second = await fetch(running.port, "GET", raw.url("/c"))
+    finally:
+        await running.service.stopService()
+        await raw.stop()
+    assert first.body == second.body == b"abcdefg"
+    assert first.header("Transfer-Encoding") == "chunked"
+    assert second.header("Content-Length") == "7"
+    assert len(raw.requests) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_delimited_body_relayed(tmp_path):
+    """An origin body that ends when the connection closes reaches the client whole."""
+
+    def script(transport, head):
+        transport.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        transport.write(b"until the end")
+        transport.loseConnection()
+
+    raw = start_raw_origin(script)
+    running = await start_proxy(tmp_path)
+    try:
+        response = await fetch(running.port, "GET", raw.url("/close"))
+        as_10 = await send_raw(
+            running.port, request_bytes("GET", raw.url("/close"), version="1.0")
+        )
+    finally:
+        await running.service.stopService()
+        await raw.stop()
+    assert response.body == b"until the end"
+    assert as_10[0].body == b"until the end"
+
+
+@pytest_twisted.ensureDeferred
+async def test_truncated_body_is_never_stored(tmp_path):
+    """A body cut short is passed on truncated, not stored, and refetched next time."""
+
+    def script(transport, head):
+        transport.write(
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b"x" * 500
+        )
+        transport.loseConnection()
+
+    raw = start_raw_origin(script)
+    running = await start_proxy(tmp_path)
+    try:
+        first = await fetch(running.port, "GET", raw.url("/cut"))
+        second = await fetch(running.port, "GET", raw.url("/cut"))
+    finally:
+        await running.service.stopService()
+        await raw.stop()
+    assert len(first.body) < 1000
+    assert len(second.body) < 1000
+    assert len(raw.requests) == 2
+    assert not list((running.cache_dir / "tmp").iterdir())
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsafe_method_invalidates_stored_response(
+    origin: Origin, proxy: RunningProxy
+):
+    """A successful POST to a URL drops its stored GET response (RFC 9111 4.4)."""
+    url = origin.static("/doc", b"doc", {"Cache-Control": "max-age=300"})
+    await fetch(proxy.port, "GET", url)
+    await fetch(proxy.port, "POST", url, body=b"change")
+    after = await fetch(proxy.port, "GET", url)
+    assert after.header("Cache-Status") == "cacheproxy; fwd=miss; stored"
+    assert origin.count("/doc") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_answered_from_stored_get(origin: Origin, proxy: RunningProxy):
+    """A HEAD for a stored GET response is answered from the store, without a body."""
+    url = origin.static("/h", b"0123456789", {"Cache-Control": "max-age=300"})
+    await fetch(proxy.port, "GET", url)
+    head = await fetch(proxy.port, "HEAD", url)
+    assert head.status == 200
+    assert head.header("Content-Length") == "10"
+    assert head.header("Cache-Status") == "cacheproxy; hit"
+    assert head.body == b""
+    assert origin.count("/h") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_miss_forwarded_with_length(origin: Origin, proxy: RunningProxy):
+    """A HEAD miss goes to the origin and keeps the origin's Content-Length."""
+    url = origin.static("/hm", b"abcdef", {"Cache-Control": "max-age=300"})
+    head = await fetch(proxy.port, "HEAD", url)
+    assert head.status == 200
+    assert origin.requests[b"/hm"][0].method == b"HEAD"
+    get = await fetch(proxy.port, "GET", url)
+    assert get.body == b"abcdef"

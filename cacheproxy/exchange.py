@@ -326,7 +326,9 @@ class Exchange:
         self.writer.start(
             head.status, head.reason, head.headers + self._proxy_headers(status), length
         )
-        receiver = _OriginBody(self.writer, sink, self.proxy.config.max_object_size)
+        receiver = _OriginBody(
+            self.writer, sink, length, self.proxy.config.max_object_size
+        )
         response.deliverBody(receiver)
         complete = await receiver.done
         if sink is not None:
@@ -467,14 +469,28 @@ class Exchange:
 class _OriginBody(Protocol):
     """Receives an origin's body and tees it to the client and to a store writer.
 
+    When the body is being stored and its length is known, the chunk that completes it
+    is held back until L{release}: a client that asks again as soon as it has the
+    whole body then finds it stored.  (Without a known length, the client cannot see
+    the end before L{ResponseWriter.finish} anyway.)
+
     @ivar done: fires with True when the body ended complete, False when truncated.
+    @ivar received: body bytes received so far.
     @ivar oversize: the body outgrew the size limit for storing.
     """
 
-    def __init__(self, client: ResponseWriter, sink: BodyWriter | None, limit: int):
+    def __init__(
+        self,
+        client: ResponseWriter,
+        sink: BodyWriter | None,
+        length: int | None,
+        limit: int,
+    ):
         self._client = client
         self._sink = sink
+        self._length = length
         self._limit = limit
+        self.received = 0
         self.oversize = False
         self._held = b""
         self.done: defer.Deferred[bool] = defer.Deferred()
@@ -489,14 +505,12 @@ class _OriginBody(Protocol):
         self._client.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._sink is None:
-            self._client.write(data)
-            return
-        # Hold the latest chunk back until the body is committed (see release).
-        if self._held:
-            self._client.write(self._held)
-        self._held = data
+        self.received += len(data)
         sink = self._sink
+        if sink is None or self._length is None or self.received < self._length:
+            self._client.write(data)
+        else:
+            self._held += data
         if sink is None or self.oversize:
             return
         if sink.size + len(data) > self._limit:

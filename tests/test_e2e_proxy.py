@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.web import server
 
 from tests.conftest import RunningProxy, start_proxy
-from tests.support import Origin, fetch, request_bytes, send_raw
+from tests.support import (
+    TIMEOUT,
+    Origin,
+    fetch,
+    request_bytes,
+    send_raw,
+    start_raw_origin,
+)
 
 ALL_BYTES = bytes(range(256)) * 64
 
@@ -172,3 +182,97 @@ async def test_hop_by_hop_stripped_via_added_repeats_kept(
     assert response.header("Keep-Alive") is None
     assert response.header("Via").startswith("1.1 cacheproxy-")
     assert response.header("Via") == seen.header("Via")
+
+
+class _Trickle:
+    """An origin that sends the head and a first part, then the rest on demand."""
+
+    def __init__(self, head: bytes, first: bytes, rest: bytes) -> None:
+        self.head, self.first, self.rest = head, first, rest
+        self.transports: list = []
+
+    def __call__(self, transport, request_head: bytes) -> None:
+        self.transports.append(transport)
+        transport.write(self.head + self.first)
+
+    def finish(self) -> None:
+        self.transports[0].write(self.rest)
+
+
+class _Watcher(protocol.Protocol):
+    """Collects what the proxy sends; fires ``got`` once ``marker`` has arrived."""
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker = marker
+        self.data = b""
+        self.got: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.marker in self.data and not self.got.called:
+            self.got.callback(None)
+
+
+@pytest.mark.parametrize(
+    ("head", "first", "rest", "final"),
+    [
+        (
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n"
+            b"Content-Length: 10\r\n\r\n",
+            b"first",
+            b"-rest",
+            b"first-rest",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            b"5\r\nfirst\r\n",
+            b"5\r\n-rest\r\n0\r\n\r\n",
+            b"first-rest",
+        ),
+    ],
+    ids=["content-length", "chunked"],
+)
+@pytest_twisted.ensureDeferred
+async def test_body_streams_as_it_arrives(tmp_path, head, first, rest, final):
+    """The client gets the first part of a body before the origin has sent the rest."""
+    trickle = _Trickle(head, first, rest)
+    raw = start_raw_origin(trickle)
+    running = await start_proxy(tmp_path)
+    try:
+        watcher = _Watcher(b"first")
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", running.port)
+        client = await connectProtocol(endpoint, watcher)
+        client.transport.write(request_bytes("GET", raw.url("/trickle")))
+        await watcher.got.addTimeout(TIMEOUT, reactor)
+        assert b"rest" not in watcher.data
+        watcher.marker, watcher.got = b"rest", defer.Deferred()
+        trickle.finish()
+        await watcher.got.addTimeout(TIMEOUT, reactor)
+        client.transport.loseConnection()
+        again = await fetch(running.port, "GET", raw.url("/trickle"))
+    finally:
+        await running.service.stopService()
+        await raw.stop()
+    assert again.body == final
+    assert again.header("Cache-Status") == "cacheproxy; hit"
+
+
+@pytest_twisted.ensureDeferred
+async def test_origin_connections_are_reused(tmp_path):
+    """Sequential requests to one origin, from two clients, share one connection."""
+
+    def script(transport, head):
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    raw = start_raw_origin(script)
+    running = await start_proxy(tmp_path)
+    try:
+        for path in ("/a", "/b", "/c"):
+            response = await fetch(running.port, "GET", raw.url(path))
+            assert response.body == b"ok"
+    finally:
+        await running.service.stopService()
+        await raw.stop()
+    assert len(raw.requests) == 3
+    assert len(raw.connections) == 1

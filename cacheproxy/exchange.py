@@ -14,19 +14,21 @@ Rules of this module:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Sequence
 from email.utils import formatdate
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from twisted.internet import defer, error, threads
+from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from zope.interface import implementer
 
 from cacheproxy import policy
 from cacheproxy.accesslog import AccessLog, squid_line
@@ -37,11 +39,10 @@ from cacheproxy.model import (
     RequestHead,
     ResponseHead,
     header_value,
-    with_header,
     without_headers,
 )
 from cacheproxy.origin import Origin, OriginTimeout
-from cacheproxy.server import RequestBody, ResponseWriter
+from cacheproxy.server import RequestBody, ResponseWriter, discarding_writer
 from cacheproxy.store import BodyWriter, Store
 
 log = Logger()
@@ -56,6 +57,9 @@ _NOT_FORWARDED = frozenset({b"host", b"expect", b"content-length"})
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
 # Framing fields: the proxy frames every message it sends itself.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_AGE = frozenset({b"age"})
+# What a stored body is sent as: literal bytes, or (offset, length) of the file.
+Piece = bytes | tuple[int, int]
 
 
 class Proxy:
@@ -67,6 +71,8 @@ class Proxy:
     @ivar origin: the pooled origin client.
     @ivar access_log: where one line per request goes.
     @ivar via: this proxy's ``Via`` member (RFC 9110 section 7.6.3).
+    @ivar revalidating: body ids of stored responses being revalidated in the
+        background, so that each is revalidated once at a time.
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class Proxy:
         self.access_log = access_log
         self.pseudonym = pseudonym
         self.via = b"1.1 " + pseudonym.encode("ascii")
+        self.revalidating: set[str] = set()
         self._threadpool = threadpool
 
     def handle(
@@ -119,11 +126,22 @@ class Proxy:
         )
 
 
+class OriginUnreachable(Exception):
+    """No response came from the origin; carries the status the client should get."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 class Exchange:
     """One request from a client and the response it gets.
 
     @ivar code: the Squid result code for the access log (``TCP_HIT``, ``TCP_MISS``...).
     @ivar hierarchy: Squid's hierarchy field (``HIER_DIRECT/host`` when fetched).
+    @ivar background: a revalidation with no client waiting: nothing is sent or
+        logged, only the store is updated.
     """
 
     def __init__(
@@ -141,6 +159,7 @@ class Exchange:
         self.client = client
         self.started = proxy.reactor.seconds()
         self.key = ""
+        self.background = False
         self.code = "TCP_MISS"
         self.hierarchy = "HIER_NONE/-"
         self.content_type: bytes | None = None
@@ -189,7 +208,15 @@ class Exchange:
             self.fail(504, "only-if-cached: the response is not in the cache")
             return
         elif verdict.action is policy.Action.REVALIDATE and verdict.entry is not None:
-            await self._revalidate(verdict.entry, verdict)
+            entry = verdict.entry
+            if verdict.detail == "stale" and policy.stale_while_revalidate_allows(
+                entry, now, self.proxy.config.heuristic_cap
+            ):
+                status = b"hit; detail=stale-while-revalidate"
+                if await self._serve_stored(entry, "TCP_STALE_HIT", status):
+                    self._revalidate_behind(entry)
+                    return
+            await self._revalidate(entry, verdict)
             return
         await self._forward(self._origin_headers(), "vary-miss" if entries else "miss")
 
@@ -203,8 +230,22 @@ class Exchange:
 
     # -- serving from the store ----------------------------------------------------
 
-    async def _serve_stored(self, entry: Entry, code: str, status: bytes) -> bool:
-        """Send a stored response; False if its body has gone (evicted meanwhile)."""
+    async def _serve_stored(
+        self, entry: Entry, code: str, status: bytes, *, validated: bool = False
+    ) -> bool:
+        """Send a stored response; False if its body has gone (evicted meanwhile).
+
+        ``validated``: the origin just confirmed it (fields listed in a qualified
+        ``no-cache`` may then be sent, RFC 9111 section 5.2.2.4).
+        """
+        if self.background:
+            return True
+        response = entry.response
+        age = policy.age_header_value(entry, self.proxy.reactor.seconds())
+        extra = ((b"Age", age),) + self._proxy_headers(status)
+        if self._answer_conditional(entry, extra):
+            self.code = code
+            return True
         try:
             body = await self.proxy.in_thread(self.proxy.store.open_body, entry)
         except Exception:
@@ -213,24 +254,39 @@ class Exchange:
         if body is None:
             return False
         self.code = code
-        now = self.proxy.reactor.seconds()
-        response = entry.response
-        headers = with_header(
-            response.headers, b"Age", policy.age_header_value(entry, now)
-        ) + self._proxy_headers(status)
         self.content_type = header_value(response.headers, b"content-type")
-        self.writer.start(response.status, response.reason, headers, entry.body_length)
+        headers = without_headers(
+            policy.served_headers(response, validated=validated), _AGE
+        )
+        plan = _plan_body(self.request, response, headers, entry.body_length)
+        self.writer.start(plan.status, plan.reason, plan.headers + extra, plan.length)
         try:
-            if self.request.method != b"HEAD" and entry.body_length:
-                sender = FileSender()
-                sender.CHUNK_SIZE = 1 << 16
-                await sender.beginFileTransfer(body, self.writer)
+            if self.request.method != b"HEAD" and plan.pieces:
+                await _PieceSender(body, plan.pieces).send(self.writer)
         except Exception:
             # The client went away mid-body; nothing else to do.
             self.writer.abort()
             return True
         finally:
             body.close()
+        self.writer.finish()
+        return True
+
+    def _answer_conditional(self, entry: Entry, extra: Headers) -> bool:
+        """Answer 304 or 412 from a stored response if the request's preconditions
+        say so (RFC 9111 section 4.3.2, RFC 9110 section 13.2.2)."""
+        if not policy.has_conditionals(self.request):
+            return False
+        outcome = policy.evaluate_conditionals(
+            self.request, entry.response, received=entry.response_time
+        )
+        if outcome == 304:
+            headers = without_headers(policy.not_modified_headers(entry.response), _AGE)
+            self.writer.start(304, b"Not Modified", headers + extra, None)
+        elif outcome == 412:
+            self.writer.start(412, b"Precondition Failed", extra, 0)
+        else:
+            return False
         self.writer.finish()
         return True
 
@@ -242,10 +298,19 @@ class Exchange:
         conditional = policy.conditional_headers([entry])
         headers = self._origin_headers(conditional)
         request_time = self.proxy.reactor.seconds()
-        response = await self._request(headers)
-        if response is None:
+        try:
+            response = await self._send(headers)
+        except OriginUnreachable as failure:
+            await self._origin_failed(entry, failure, verdict)
             return
         response_time = self.proxy.reactor.seconds()
+        if response.code >= 500 and self._may_serve_stale_on_error(entry):
+            await _discard_body(response)
+            status = b"fwd=stale; fwd-status=%d; detail=stale-if-error" % response.code
+            if await self._serve_stored(entry, "TCP_REFRESH_FAIL_OLD", status):
+                return
+            await self._forward(self._origin_headers(), "miss")
+            return
         if response.code != 304:
             self.code = "TCP_REFRESH_MODIFIED"
             await self._relay(response, fwd, (request_time, response_time))
@@ -268,8 +333,70 @@ class Exchange:
         except Exception:
             log.failure("store update failed for {key}", key=self.key)
         status = b"fwd=%s; fwd-status=304" % fwd.encode()
-        if not await self._serve_stored(updated, "TCP_REFRESH_UNMODIFIED", status):
+        served = await self._serve_stored(
+            updated, "TCP_REFRESH_UNMODIFIED", status, validated=True
+        )
+        if not served:
             await self._forward(self._origin_headers(), "miss")
+
+    def _may_serve_stale_on_error(self, entry: Entry) -> bool:
+        """Whether stale-if-error lets ``entry`` answer for a failed origin."""
+        return policy.can_serve_stale_on_error(
+            entry,
+            self.request,
+            self.proxy.reactor.seconds(),
+            heuristic_cap=self.proxy.config.heuristic_cap,
+        )
+
+    async def _origin_failed(
+        self, entry: Entry, failure: OriginUnreachable, verdict: policy.Verdict
+    ) -> None:
+        """Revalidation found no origin: serve ``entry`` stale if allowed, else fail.
+
+        RFC 9111 section 4.2.4 lets a disconnected cache serve a stale response,
+        when staleness was the only reason to ask; section 5.2.2.2 (must-revalidate,
+        and proxy-revalidate and s-maxage with it) makes it answer 504 instead.
+        """
+        if policy.forbids_stale(entry.response):
+            self.fail(
+                504, f"{failure.message}; the stored response must be revalidated"
+            )
+            self.code = "TCP_REFRESH_FAIL_ERR"
+            return
+        if self._may_serve_stale_on_error(entry):
+            detail = b"stale-if-error"
+        elif verdict.detail == "stale":
+            detail = b"disconnected"
+        else:
+            self.fail(failure.status, failure.message)
+            return
+        status = b"fwd=stale; detail=" + detail
+        if not await self._serve_stored(entry, "TCP_REFRESH_FAIL_OLD", status):
+            self.fail(failure.status, failure.message)
+
+    def _revalidate_behind(self, entry: Entry) -> None:
+        """Revalidate ``entry`` behind the client, once at a time (RFC 5861 sec. 3)."""
+        revalidating = self.proxy.revalidating
+        if entry.body_id in revalidating:
+            return
+        revalidating.add(entry.body_id)
+        request = dataclasses.replace(self.request, method=b"GET")
+        behind = Exchange(
+            self.proxy,
+            request,
+            RequestBody(None, False),
+            discarding_writer(request),
+            "-",
+        )
+        behind.key = self.key
+        behind.background = True
+        done = defer.ensureDeferred(
+            behind._revalidate(
+                entry, policy.Verdict(policy.Action.REVALIDATE, entry, True)
+            )
+        )
+        done.addErrback(lambda f: log.failure("background revalidation failed", f))
+        done.addBoth(lambda _: revalidating.discard(entry.body_id))
 
     # -- fetching ------------------------------------------------------------------
 
@@ -283,6 +410,14 @@ class Exchange:
 
     async def _request(self, headers: Headers) -> IResponse | None:
         """The origin's response head, or None after answering the client an error."""
+        try:
+            return await self._send(headers)
+        except OriginUnreachable as failure:
+            self.fail(failure.status, failure.message)
+            return None
+
+    async def _send(self, headers: Headers) -> IResponse:
+        """The origin's response head; L{OriginUnreachable} if there is none."""
         host = self._host()
         self.hierarchy = f"HIER_DIRECT/{host}"
         try:
@@ -290,19 +425,22 @@ class Exchange:
                 self.request.method, self.request.target, headers, self.body
             )
         except (OriginTimeout, error.TimeoutError, defer.TimeoutError):
-            self.fail(504, f"the origin {host} did not answer in time")
+            raise OriginUnreachable(
+                504, f"the origin {host} did not answer in time"
+            ) from None
         except error.DNSLookupError:
-            self.fail(502, f"cannot resolve the origin's host name {host}")
+            raise OriginUnreachable(
+                502, f"cannot resolve the origin's host name {host}"
+            ) from None
         except error.ConnectError as reason:
-            self.fail(
+            raise OriginUnreachable(
                 502, f"cannot connect to the origin {host}: {reason.osError or reason}"
-            )
+            ) from None
         except Exception as reason:
             log.info("origin {host} failed: {reason!r}", host=host, reason=reason)
-            self.fail(
+            raise OriginUnreachable(
                 502, f"the origin {host} closed the connection without a response"
-            )
-        return None
+            ) from None
 
     async def _relay(
         self,
@@ -318,6 +456,8 @@ class Exchange:
         length = self._length(response)
         if policy.is_invalidating(self.request.method, head.status):
             await self._invalidate(head)
+        elif self.request.method == b"HEAD" and head.status == 200:
+            await self._freshen_with_head(head, length, times)
         sink = self._store_writer(head, length)
         status = b"fwd=" + fwd.encode()
         if sink is not None:
@@ -381,6 +521,33 @@ class Exchange:
         except Exception:
             log.failure("cannot start storing {key}", key=self.key)
             return None
+
+    async def _freshen_with_head(
+        self, head: ResponseHead, length: int | None, times: tuple[float, float]
+    ) -> None:
+        """Update or drop the stored GET response a HEAD 200 speaks for.
+
+        RFC 9111 section 4.3.5: matching validators (and Content-Length, if sent)
+        update the stored fields; anything else makes the stored response unusable,
+        and cacheproxy drops it.
+        """
+        entry = policy.select_variant(await self._lookup(), self.request)
+        if entry is None:
+            return
+        same_length = length is None or length == entry.body_length
+        try:
+            if same_length and policy.validators_match(entry.response, head):
+                updated = dataclasses.replace(
+                    entry,
+                    response=policy.updated_response(entry.response, head),
+                    request_time=times[0],
+                    response_time=times[1],
+                )
+                await self.proxy.in_thread(self.proxy.store.update, updated)
+            else:
+                await self.proxy.in_thread(self.proxy.store.invalidate, self.key)
+        except Exception:
+            log.failure("freshening {key} with HEAD failed", key=self.key)
 
     async def _invalidate(self, head: ResponseHead) -> None:
         """Drop stored responses an unsafe request changed (RFC 9111 section 4.4)."""
@@ -449,6 +616,8 @@ class Exchange:
 
     def log_access(self) -> None:
         """Queue this exchange's access-log line."""
+        if self.background:
+            return
         now = self.proxy.reactor.seconds()
         self.proxy.access_log.write(
             squid_line(
@@ -537,3 +706,98 @@ async def _discard_body(response: IResponse) -> None:
 
     response.deliverBody(_Drop())
     await done
+
+
+@dataclasses.dataclass(frozen=True)
+class _BodyPlan:
+    """How a stored response is sent: status, fields, length and body pieces."""
+
+    status: int
+    reason: bytes
+    headers: Headers
+    length: int
+    pieces: tuple[Piece, ...]
+
+
+def _plan_body(
+    request: RequestHead, response: ResponseHead, headers: Headers, length: int
+) -> _BodyPlan:
+    """The whole body, or the ranges the request asks for (RFC 9110 section 14)."""
+    whole = _BodyPlan(response.status, response.reason, headers, length, ((0, length),))
+    if response.status != 200 or not policy.if_range_allows(request, response):
+        return whole
+    ranges = policy.requested_ranges(request, length)
+    if ranges is None:
+        return whole
+    if not ranges:
+        unsatisfiable = ((b"Content-Range", b"bytes */%d" % length),)
+        return _BodyPlan(416, b"Range Not Satisfiable", unsatisfiable, 0, ())
+    if len(ranges) == 1:
+        (only,) = ranges
+        size = only.end - only.start + 1
+        fields = headers + ((b"Content-Range", policy.content_range(only, length)),)
+        return _BodyPlan(206, b"Partial Content", fields, size, ((only.start, size),))
+    content_type = header_value(response.headers, b"content-type")
+    boundary = policy.multipart_boundary(secrets.token_bytes(12))
+    pieces: list[Piece] = []
+    for part in ranges:
+        pieces.append(policy.multipart_part_head(boundary, content_type, part, length))
+        pieces.append((part.start, part.end - part.start + 1))
+    pieces.append(policy.multipart_end(boundary))
+    fields = without_headers(headers, frozenset({b"content-type"})) + (
+        (b"Content-Type", b"multipart/byteranges; boundary=" + boundary),
+    )
+    total = policy.multipart_length(boundary, content_type, ranges, length)
+    return _BodyPlan(206, b"Partial Content", fields, total, tuple(pieces))
+
+
+@implementer(IPullProducer)
+class _PieceSender:
+    """Sends literal bytes and slices of a stored body file, pulled by the client."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, body: BinaryIO, pieces: Sequence[Piece]) -> None:
+        self._body = body
+        self._pieces = list(reversed(pieces))
+        self._remaining = 0
+        self._consumer: ResponseWriter | None = None
+        self._done: defer.Deferred[None] = defer.Deferred()
+
+    def send(self, consumer: ResponseWriter) -> defer.Deferred[None]:
+        """Send every piece to ``consumer``; fires when all are written."""
+        self._consumer = consumer
+        if not consumer.connected:
+            self._fail(ConnectionError("the client went away"))
+        else:
+            consumer.registerProducer(self, False)
+        return self._done
+
+    def resumeProducing(self) -> None:
+        consumer = self._consumer
+        if consumer is None or self._done.called:
+            return
+        while self._remaining == 0:
+            if not self._pieces:
+                consumer.unregisterProducer()
+                self._done.callback(None)
+                return
+            piece = self._pieces.pop()
+            if isinstance(piece, bytes):
+                consumer.write(piece)
+                return
+            offset, self._remaining = piece
+            self._body.seek(offset)
+        data = self._body.read(min(self.CHUNK, self._remaining))
+        if not data:
+            self._fail(OSError("stored body shorter than recorded"))
+            return
+        self._remaining -= len(data)
+        consumer.write(data)
+
+    def stopProducing(self) -> None:
+        self._fail(ConnectionError("the client went away"))
+
+    def _fail(self, reason: Exception) -> None:
+        if not self._done.called:
+            self._done.errback(reason)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import calendar
 import enum
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -654,13 +655,22 @@ class Verdict:
 _NO_STALE = ("must-revalidate", "proxy-revalidate", "s-maxage")
 
 
+def _must_revalidate(cc: dict[str, str | None]) -> bool:
+    """Whether directives oblige a shared cache to revalidate once stale.
+
+    RFC 9111 sections 4.2.4, 5.2.2.2, 5.2.2.8 and 5.2.2.10 (s-maxage implies
+    proxy-revalidate).
+    """
+    return any(d in cc for d in _NO_STALE)
+
+
 def _forbids_stale(cc: dict[str, str | None]) -> bool:
     """Whether directives forbid serving the response stale.
 
-    RFC 9111 sections 4.2.4, 5.2.2.2, 5.2.2.8 and 5.2.2.10 (s-maxage implies
-    proxy-revalidate); unqualified no-cache (5.2.2.4) forbids any unvalidated use.
+    L{_must_revalidate}, and unqualified no-cache (RFC 9111 5.2.2.4), which
+    forbids any unvalidated use.
     """
-    return any(d in cc for d in _NO_STALE) or ("no-cache" in cc and not cc["no-cache"])
+    return _must_revalidate(cc) or ("no-cache" in cc and not cc["no-cache"])
 
 
 def _request_no_cache(request: RequestHead) -> bool:
@@ -675,16 +685,20 @@ def _request_no_cache(request: RequestHead) -> bool:
 
 
 def _revalidation_reason(
-    request: RequestHead, cc: dict[str, str | None], age: float
+    request: RequestHead, cc: dict[str, str | None], age: float, *, stale: bool
 ) -> str:
     """Why the request or stored response forces validation, or ``""``.
 
-    RFC 9111 sections 5.2.1.4 and 5.4 (request no-cache), 5.2.2.4 (response
-    no-cache) and 5.2.1.1 (request max-age).
+    RFC 9111 sections 5.2.2.4 (response no-cache), 5.2.1.4 and 5.4 (request
+    no-cache) and 5.2.1.1 (request max-age).  A fresh ``immutable`` response
+    (RFC 8246 section 2) is served despite the request's no-cache and max-age:
+    its content cannot have changed, so a reload need not reach the origin.
     """
-    if _request_no_cache(request):
-        return "no-cache"
     if "no-cache" in cc and not cc["no-cache"]:
+        return "no-cache"
+    if "immutable" in cc and not stale:
+        return ""
+    if _request_no_cache(request):
         return "no-cache"
     max_age = _delta_seconds(cache_control(request.headers).get("max-age"))
     if max_age is not None and age > max_age:
@@ -717,7 +731,8 @@ def decide(
     """Serve, revalidate or fetch ``request`` given the stored ``entries``.
 
     RFC 9111 section 4 (reuse), 4.1 (Vary), 4.2 and 4.2.4 (fresh or allowed
-    stale), 4.3.1 (validate), 5.2.1 (request directives; 5.2.1.7 only-if-cached).
+    stale), 4.3.1 (validate), 5.2.1 (request directives; 5.2.1.7 only-if-cached);
+    RFC 8246 (a fresh immutable response ignores request no-cache and max-age).
     """
     req_cc = cache_control(request.headers)
     only_if_cached = "only-if-cached" in req_cc
@@ -750,7 +765,7 @@ def _verdict(
     stale: bool,
 ) -> Verdict:
     """The decision for a selected entry (RFC 9111 sections 4.2, 4.2.4, 5.2.1)."""
-    reason = _revalidation_reason(request, cc, age)
+    reason = _revalidation_reason(request, cc, age, stale=stale)
     if reason:
         return Verdict(Action.REVALIDATE, entry, stale, reason)
     if not stale:
@@ -797,3 +812,367 @@ def stale_while_revalidate_allows(
         return False
     stale_for = staleness(entry, now, heuristic_cap=heuristic_cap)
     return 0 <= stale_for <= limit
+
+
+def is_immutable(response: ResponseHead) -> bool:
+    """Whether the response declares its content will never change while fresh.
+
+    RFC 8246 section 2 (Cache-Control: immutable).
+    """
+    return "immutable" in cache_control(response.headers)
+
+
+def forbids_stale(response: ResponseHead) -> bool:
+    """Whether a shared cache must revalidate the response once it is stale.
+
+    RFC 9111 sections 4.2.4, 5.2.2.2 (must-revalidate), 5.2.2.8
+    (proxy-revalidate) and 5.2.2.10 (s-maxage implies proxy-revalidate).
+    """
+    return _must_revalidate(cache_control(response.headers))
+
+
+# ---------------------------------------------------------------------------
+# Qualified no-cache (RFC 9111 section 5.2.2.4)
+# ---------------------------------------------------------------------------
+
+
+def fields_needing_validation(response: ResponseHead) -> frozenset[bytes]:
+    """Lower-cased field names a qualified ``no-cache="..."`` withholds.
+
+    RFC 9111 section 5.2.2.4: the named fields must not be sent in a response
+    to another request without successful revalidation; empty when unqualified.
+    """
+    return _names_argument(cache_control(response.headers).get("no-cache"))
+
+
+def served_headers(response: ResponseHead, *, validated: bool) -> Headers:
+    """The fields to send from a stored response, less unvalidated named ones.
+
+    RFC 9111 section 5.2.2.4 (qualified no-cache).
+    """
+    if validated:
+        return response.headers
+    return without_headers(response.headers, fields_needing_validation(response))
+
+
+# ---------------------------------------------------------------------------
+# Client preconditions answered from the store (RFC 9110 section 13;
+# RFC 9111 section 4.3.2)
+# ---------------------------------------------------------------------------
+
+_PRECONDITIONS = (
+    b"if-match",
+    b"if-none-match",
+    b"if-modified-since",
+    b"if-unmodified-since",
+    b"if-range",
+)
+
+# RFC 9110 section 15.4.5: what a 304 carries, plus Last-Modified to guide the
+# recipient's cache when it selects by date (RFC 9111 section 4.3.4).
+_NOT_MODIFIED_FIELDS = frozenset(
+    {
+        b"cache-control",
+        b"content-location",
+        b"date",
+        b"etag",
+        b"expires",
+        b"last-modified",
+        b"vary",
+    }
+)
+
+
+def has_conditionals(request: RequestHead) -> bool:
+    """Whether the request carries any precondition field (RFC 9110 section 13.1)."""
+    return any(header_values(request.headers, name) for name in _PRECONDITIONS)
+
+
+def _tag_list(headers: Headers, name: bytes) -> tuple[bool, list[bytes]]:
+    """Whether an ``If-Match``/``If-None-Match`` field is ``*``, and its tags.
+
+    RFC 9110 sections 13.1.1 and 13.1.2; malformed members are dropped.
+    """
+    members = header_list(headers, name)
+    tags = [m for m in members if _ENTITY_TAG.fullmatch(m)]
+    return b"*" in members, tags
+
+
+def _strong_tag(stored: ResponseHead) -> bytes | None:
+    """The stored response's entity-tag if it is strong (RFC 9110 8.8.3.2)."""
+    tags = _entity_tags(stored.headers)
+    return tags[0] if tags and not _is_weak(tags[0]) else None
+
+
+def _if_match_holds(request: RequestHead, stored: ResponseHead) -> bool:
+    """RFC 9110 section 13.1.1: ``*`` or a strong match with the stored ETag."""
+    star, tags = _tag_list(request.headers, b"if-match")
+    current = _strong_tag(stored)
+    return star or (current is not None and current in tags)
+
+
+def _if_none_match_holds(request: RequestHead, stored: ResponseHead) -> bool:
+    """RFC 9110 section 13.1.2: false for ``*`` or a weak match with the ETag."""
+    star, tags = _tag_list(request.headers, b"if-none-match")
+    current = {_opaque(tag) for tag in _entity_tags(stored.headers)[:1]}
+    return not star and not any(_opaque(tag) in current for tag in tags)
+
+
+def _single_date(headers: Headers, name: bytes) -> float | None:
+    """A date precondition's value; None if absent, repeated or invalid.
+
+    RFC 9110 sections 13.1.3 and 13.1.4 (such a field is ignored).
+    """
+    values = header_values(headers, name)
+    return parse_http_date(values[0]) if len(values) == 1 else None
+
+
+def _modification_date(stored: ResponseHead, received: float | None) -> float | None:
+    """Last-Modified, else Date, else the time of receipt (RFC 9111 4.3.2)."""
+    for name in (b"last-modified", b"date"):
+        when = _first_date(stored.headers, name)
+        if when is not None:
+            return when
+    return received
+
+
+def evaluate_conditionals(
+    request: RequestHead, stored: ResponseHead, *, received: float | None = None
+) -> int | None:
+    """412, 304, or None (serve normally) for a request answered from ``stored``.
+
+    RFC 9110 section 13.2.2 in its order: If-Match, else If-Unmodified-Since
+    (both optional for a cache, 13.1.1 and 13.1.4; a mismatch with the selected
+    fresh response is reported as 412), If-None-Match, else If-Modified-Since.
+    Only for GET and HEAD over a 2xx (RFC 9110 13.2.1, RFC 9111 4.3.2);
+    If-Modified-Since falls back to Date and then to ``received`` (RFC 9111
+    4.3.2), If-Unmodified-Since needs Last-Modified (RFC 9110 13.1.4).
+    """
+    if request.method not in (b"GET", b"HEAD") or not 200 <= stored.status < 300:
+        return None
+    headers = request.headers
+    if header_values(headers, b"if-match"):
+        if not _if_match_holds(request, stored):
+            return 412
+    else:
+        since = _single_date(headers, b"if-unmodified-since")
+        modified = _first_date(stored.headers, b"last-modified")
+        if since is not None and modified is not None and modified > since:
+            return 412
+    if header_values(headers, b"if-none-match"):
+        return None if _if_none_match_holds(request, stored) else 304
+    since = _single_date(headers, b"if-modified-since")
+    modified = _modification_date(stored, received)
+    if since is not None and modified is not None and modified <= since:
+        return 304
+    return None
+
+
+def not_modified_headers(stored: ResponseHead) -> Headers:
+    """The fields of ``stored`` that a 304 generated from it carries.
+
+    RFC 9110 section 15.4.5: Content-Location, Date, ETag, Vary, Cache-Control,
+    Expires, and Last-Modified to guide cache updates; no content metadata.
+    """
+    return tuple(
+        (name, value)
+        for name, value in stored.headers
+        if name.lower() in _NOT_MODIFIED_FIELDS
+    )
+
+
+def if_range_allows(request: RequestHead, stored: ResponseHead) -> bool:
+    """Whether If-Range (absent, or matching ``stored``) lets Range apply.
+
+    RFC 9110 section 13.1.5: an entity-tag matches only by strong comparison; a
+    date only if it equals Last-Modified and, for a cache, that Last-Modified is
+    strong: the stored Date is at least one second later (section 8.8.2.2).
+    """
+    values = header_values(request.headers, b"if-range")
+    if not values:
+        return True
+    if len(values) > 1:
+        return False
+    value = values[0].strip()
+    if value[:3].count(b'"'):
+        return value == _strong_tag(stored)
+    when = parse_http_date(value)
+    modified = _first_date(stored.headers, b"last-modified")
+    date = _first_date(stored.headers, b"date")
+    if when is None or modified is None or date is None:
+        return False
+    return when == modified and date >= modified + 1
+
+
+# ---------------------------------------------------------------------------
+# Byte ranges from a complete stored body (RFC 9110 section 14)
+# ---------------------------------------------------------------------------
+
+# RFC 9110 sections 14.2 and 17.15 let a server ignore egregious range sets;
+# overlapping ones are coalesced instead, so only the count needs a bound.
+MAX_RANGES = 100
+
+_INT_RANGE = re.compile(rb"(\d+)-(\d*)|-(\d+)")
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """One satisfiable byte range, as Content-Range writes it.
+
+    @ivar start: offset of the first byte.
+    @ivar end: offset of the last byte (inclusive), less than the length.
+    """
+
+    start: int
+    end: int
+
+
+def _range_specs(request: RequestHead) -> list[tuple[int | None, int | None]] | None:
+    """``(first, last)`` per bytes range-spec (first None: suffix), or None.
+
+    RFC 9110 section 14.1.1: None when absent, repeated, another unit, or any
+    range-spec is invalid (last-pos < first-pos included), and past MAX_RANGES.
+    """
+    values = header_values(request.headers, b"range")
+    if len(values) != 1:
+        return None
+    unit, eq, range_set = values[0].strip().partition(b"=")
+    if not eq or unit.lower() != b"bytes":
+        return None
+    specs: list[tuple[int | None, int | None]] = []
+    for spec in (item.strip() for item in range_set.split(b",")):
+        if not spec:
+            continue  # RFC 9110 section 5.6.1: empty list elements are allowed.
+        match = _INT_RANGE.fullmatch(spec)
+        if match is None:
+            return None
+        first, last, suffix = match.groups()
+        if suffix is not None:
+            specs.append((None, int(suffix)))
+        elif last:
+            if int(last) < int(first):
+                return None
+            specs.append((int(first), int(last)))
+        else:
+            specs.append((int(first), None))
+    if not specs or len(specs) > MAX_RANGES:
+        return None
+    return specs
+
+
+def _satisfiable(
+    specs: list[tuple[int | None, int | None]], length: int
+) -> list[ByteRange]:
+    """Each satisfiable range-spec clipped to ``length`` (RFC 9110 14.1.2)."""
+    ranges: list[ByteRange] = []
+    for first, last in specs:
+        if first is None:
+            if last:
+                ranges.append(ByteRange(max(0, length - last), length - 1))
+        elif first < length:
+            end = length - 1 if last is None else min(last, length - 1)
+            ranges.append(ByteRange(first, end))
+    return ranges
+
+
+def _coalesced(ranges: list[ByteRange]) -> list[ByteRange]:
+    """Overlapping or adjacent ranges merged, each where its first member was.
+
+    RFC 9110 section 15.3.7.2: merged parts keep the request's order.
+    """
+    out: list[ByteRange] = []
+    for r in ranges:
+        merged, at = r, len(out)
+        touching = True
+        while touching:
+            touching = False
+            for i, other in enumerate(out):
+                if other.start <= merged.end + 1 and merged.start <= other.end + 1:
+                    merged = ByteRange(
+                        min(merged.start, other.start), max(merged.end, other.end)
+                    )
+                    at = min(at, i)
+                    del out[i]
+                    touching = True
+                    break
+        out.insert(min(at, len(out)), merged)
+    return out
+
+
+def requested_ranges(request: RequestHead, length: int) -> list[ByteRange] | None:
+    """The byte ranges to send from a body of ``length`` bytes.
+
+    None: ignore Range and send 200 (not GET, no or invalid Range, another unit,
+    too many ranges, or an empty body; RFC 9110 sections 14.1.1, 14.2); ``[]``:
+    unsatisfiable, answer 416 (14.2); otherwise the satisfiable ranges clipped
+    (14.1.2) and coalesced when overlapping or adjacent (15.3.7.2).
+    """
+    if request.method != b"GET" or length <= 0:
+        return None
+    specs = _range_specs(request)
+    if specs is None:
+        return None
+    return _coalesced(_satisfiable(specs, length))
+
+
+def content_range(r: ByteRange, length: int) -> bytes:
+    """The Content-Range value for ``r`` (RFC 9110 section 14.4)."""
+    return b"bytes %d-%d/%d" % (r.start, r.end, length)
+
+
+def multipart_boundary(seed: bytes) -> bytes:
+    """A boundary of safe characters derived from ``seed`` (RFC 2046 5.1.1).
+
+    Unquoted on purpose (RFC 9110 section 14.6, note 2).
+    """
+    return b"cacheproxy-" + hashlib.sha256(seed).hexdigest()[:40].encode("ascii")
+
+
+def multipart_content_type(boundary: bytes) -> bytes:
+    """The Content-Type of a multipart/byteranges body (RFC 9110 section 14.6)."""
+    return b"multipart/byteranges; boundary=" + boundary
+
+
+def multipart_part_head(
+    boundary: bytes, content_type: bytes | None, r: ByteRange, length: int
+) -> bytes:
+    """The delimiter and fields before one body part (RFC 9110 section 14.6).
+
+    The leading CRLF ends the previous part; before the first part it is
+    preamble, which RFC 9110 section 14.6 (note 1) allows.
+    """
+    fields = b"Content-Type: " + content_type + b"\r\n" if content_type else b""
+    return (
+        b"\r\n--"
+        + boundary
+        + b"\r\n"
+        + fields
+        + b"Content-Range: "
+        + content_range(r, length)
+        + b"\r\n\r\n"
+    )
+
+
+def multipart_end(boundary: bytes) -> bytes:
+    """The close delimiter of a multipart body (RFC 2046 section 5.1.1)."""
+    return b"\r\n--" + boundary + b"--\r\n"
+
+
+def multipart_length(
+    boundary: bytes,
+    content_type: bytes | None,
+    ranges: Sequence[ByteRange],
+    length: int,
+) -> int:
+    """The exact byte length of the multipart/byteranges body for ``ranges``.
+
+    RFC 9110 section 14.6, so the response can carry Content-Length (8.6).
+    """
+    parts = sum(
+        len(multipart_part_head(boundary, content_type, r, length))
+        + r.end
+        - r.start
+        + 1
+        for r in ranges
+    )
+    return parts + len(multipart_end(boundary))

@@ -13,6 +13,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import typing
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -131,6 +132,47 @@ class RequestBody:
         self.detach()
 
 
+class Channel(typing.Protocol):
+    """What a L{ResponseWriter} needs of its connection."""
+
+    connected: int
+
+    def send(self, data: bytes) -> None: ...
+
+    def response_finished(
+        self, writer: ResponseWriter, keep_alive: bool, abort: bool = False
+    ) -> None: ...
+
+    def register_producer(self, producer: Any, streaming: bool) -> None: ...
+
+    def unregister_producer(self) -> None: ...
+
+
+class _Discard:
+    """A channel to nowhere, for exchanges that no client waits for."""
+
+    connected = 1
+
+    def send(self, data: bytes) -> None:
+        pass
+
+    def response_finished(
+        self, writer: ResponseWriter, keep_alive: bool, abort: bool = False
+    ) -> None:
+        pass
+
+    def register_producer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregister_producer(self) -> None:
+        pass
+
+
+def discarding_writer(request: RequestHead) -> ResponseWriter:
+    """A writer whose response goes nowhere (background revalidation)."""
+    return ResponseWriter(_Discard(), request, keep_alive=True)
+
+
 class ResponseWriter:
     """Writes one response to the client, framing its body (RFC 9112 section 6).
 
@@ -142,7 +184,7 @@ class ResponseWriter:
     @ivar finished: the response is complete (or abandoned).
     """
 
-    def __init__(self, channel: ProxyProtocol, request: RequestHead, keep_alive: bool):
+    def __init__(self, channel: Channel, request: RequestHead, keep_alive: bool):
         self._channel = channel
         self._request = request
         self._keep_alive = keep_alive

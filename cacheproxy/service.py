@@ -8,9 +8,10 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -25,6 +26,8 @@ from cacheproxy.store import Store
 __all__ = ["Options", "makeService", "ProxyService"]
 
 log = Logger()
+
+CULL_INTERVAL = 60.0
 
 
 def proxy_pseudonym(cache_dir: str) -> str:
@@ -46,18 +49,35 @@ def proxy_pseudonym(cache_dir: str) -> str:
 class _Resources(Service):
     """Starts the store's threads; at stop closes the threads, origins and store."""
 
-    def __init__(self, threadpool: ThreadPool, origin: Origin, store: Store) -> None:
+    def __init__(
+        self, reactor: Any, threadpool: ThreadPool, origin: Origin, store: Store
+    ) -> None:
+        self._reactor = reactor
         self._threadpool = threadpool
         self._origin = origin
         self._store = store
+        self._culling = LoopingCall(self._cull)
+        self._culling.clock = reactor
 
     def startService(self) -> None:
         super().startService()
         self._threadpool.start()
+        self._culling.start(CULL_INTERVAL, now=False)
+
+    def _cull(self) -> defer.Deferred[int]:
+        # diskcache culls a few entries per write only, so a busy store can overrun
+        # its budget; this catches up, off the reactor thread.
+        culled = threads.deferToThreadPool(
+            self._reactor, self._threadpool, self._store.cull
+        )
+        culled.addErrback(lambda f: log.failure("culling the store failed", f))
+        return culled
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
+        if self._culling.running:
+            self._culling.stop()
         yield self._origin.close()
         self._threadpool.stop()
         self._store.close()
@@ -86,7 +106,7 @@ class ProxyService(MultiService):
             proxy_pseudonym(config.cache_dir),
             threadpool,
         )
-        _Resources(threadpool, origin, store).setServiceParent(self)
+        _Resources(reactor, threadpool, origin, store).setServiceParent(self)
         access_log.setServiceParent(self)
         endpoint = serverFromString(reactor, config.port)
         listener = StreamServerEndpointService(endpoint, ProxyFactory(self.proxy))

@@ -1124,3 +1124,556 @@ def test_policy_imports_only_stdlib_and_model() -> None:
         and m.partition(".")[0] not in sys.stdlib_module_names
     ]
     assert modules and not foreign
+
+
+# --- RFC 8246 / RFC 9111 section 5.2: immutable and stale-forbidding -----------
+
+IMMUTABLE = cc(b"max-age=60, immutable")
+IMMUTABLE_DECISIONS = [
+    pytest.param(
+        cc(b"no-cache"),
+        IMMUTABLE,
+        10,
+        (SERVE, False, "fresh"),
+        id="8246-2-request-no-cache-served",
+    ),
+    pytest.param(
+        (PRAGMA,), IMMUTABLE, 10, (SERVE, False, "fresh"), id="8246-2-pragma-served"
+    ),
+    pytest.param(
+        cc(b"max-age=0"),
+        IMMUTABLE,
+        10,
+        (SERVE, False, "fresh"),
+        id="8246-2-request-max-age-0-served",
+    ),
+    pytest.param(
+        cc(b"no-cache"),
+        IMMUTABLE,
+        90,
+        (REVALIDATE, True, "no-cache"),
+        id="8246-2-stale-immutable-revalidated",
+    ),
+    pytest.param(
+        (),
+        cc(b"max-age=60, immutable, no-cache"),
+        10,
+        (REVALIDATE, False, "no-cache"),
+        id="9111-5.2.2.4-response-no-cache-beats-immutable",
+    ),
+    pytest.param(
+        cc(b"min-fresh=60"),
+        IMMUTABLE,
+        10,
+        (REVALIDATE, False, "min-fresh"),
+        id="9111-5.2.1.3-min-fresh-still-applies",
+    ),
+    pytest.param(
+        cc(b"max-age=0"),
+        MAX60,
+        10,
+        (REVALIDATE, False, "max-age"),
+        id="9111-5.2.1.1-max-age-0-without-immutable",
+    ),
+]
+
+
+@pytest.mark.parametrize(("req", "resp", "elapsed", "expected"), IMMUTABLE_DECISIONS)
+def test_decide_immutable(
+    req: Headers,
+    resp: Headers,
+    elapsed: float,
+    expected: tuple[Action, bool, str],
+) -> None:
+    """A fresh immutable response is served despite a client reload."""
+    entry = stored(DATE, *resp)
+    verdict = decide(get(*req), [entry], T0 + elapsed)
+    assert (verdict.action, verdict.stale, verdict.detail) == expected
+
+
+FLAGS = [
+    pytest.param(cc(b"max-age=60"), False, False, id="9111-4.2.4-plain"),
+    pytest.param(cc(b"must-revalidate"), True, False, id="9111-5.2.2.2-must"),
+    pytest.param(cc(b"proxy-revalidate"), True, False, id="9111-5.2.2.8-proxy"),
+    pytest.param(cc(b"s-maxage=5"), True, False, id="9111-5.2.2.10-s-maxage"),
+    pytest.param(cc(b"no-cache"), False, False, id="9111-5.2.2.4-no-cache-not-it"),
+    pytest.param(cc(b"max-age=9, Immutable"), False, True, id="8246-2-immutable"),
+]
+
+
+@pytest.mark.parametrize(("headers", "forbids", "immutable"), FLAGS)
+def test_forbids_stale_and_is_immutable(
+    headers: Headers, forbids: bool, immutable: bool
+) -> None:
+    """forbids_stale names the must-revalidate family; is_immutable reads RFC 8246."""
+    assert policy.forbids_stale(ok(*headers)) is forbids
+    assert policy.is_immutable(ok(*headers)) is immutable
+
+
+# --- RFC 9111 section 5.2.2.4: qualified no-cache -----------------------------
+
+COOKIE = (b"Set-Cookie", b"a=1")
+NO_CACHE_FIELDS = [
+    pytest.param(
+        (*cc(b'no-cache="Set-Cookie, X-A"'), COOKIE, (b"x-a", b"1"), (b"X-B", b"2")),
+        frozenset({b"set-cookie", b"x-a"}),
+        id="9111-5.2.2.4-qualified",
+    ),
+    pytest.param((*cc(b"no-cache"), COOKIE), frozenset(), id="9111-5.2.2.4-bare"),
+    pytest.param((COOKIE,), frozenset(), id="9111-5.2.2.4-absent"),
+]
+
+
+@pytest.mark.parametrize(("headers", "names"), NO_CACHE_FIELDS)
+def test_fields_needing_validation(headers: Headers, names: frozenset[bytes]) -> None:
+    """Named fields are withheld until validated, and only those."""
+    response = ok(*headers)
+    assert policy.fields_needing_validation(response) == names
+    assert policy.served_headers(response, validated=True) == headers
+    assert policy.served_headers(response, validated=False) == tuple(
+        (n, v) for n, v in headers if n.lower() not in names
+    )
+
+
+# --- RFC 9110 section 13 / RFC 9111 section 4.3.2: client preconditions -------
+
+STRONG = etag(b'"v1"')
+WEAK = etag(b'W/"v1"')
+LM = (b"Last-Modified", date(T0 - 100))
+
+
+def cond(*headers: tuple[bytes, bytes]) -> Headers:
+    """The request fields of a conditional case."""
+    return tuple(headers)
+
+
+PRECONDITIONS = [
+    # (request fields, stored response fields, expected status or None)
+    pytest.param(
+        cond((b"If-None-Match", b'"v1"')), (STRONG,), 304, id="9110-13.1.2-inm-strong"
+    ),
+    pytest.param(
+        cond((b"If-None-Match", b'W/"v1"')),
+        (STRONG,),
+        304,
+        id="9110-13.1.2-inm-weak-comparison",
+    ),
+    pytest.param(
+        cond((b"If-None-Match", b'"v1"')),
+        (WEAK,),
+        304,
+        id="9110-13.1.2-inm-stored-weak",
+    ),
+    pytest.param(
+        cond((b"If-None-Match", b'"x", "v1"')),
+        (STRONG,),
+        304,
+        id="9110-13.1.2-inm-list",
+    ),
+    pytest.param(
+        cond((b"If-None-Match", b'"v2"')), (STRONG,), None, id="9110-13.1.2-inm-differs"
+    ),
+    pytest.param(cond((b"If-None-Match", b"*")), (), 304, id="9110-13.1.2-inm-star"),
+    pytest.param(
+        cond((b"If-None-Match", b'"v1"')), (), None, id="9110-13.1.2-inm-no-etag"
+    ),
+    pytest.param(
+        cond((b"If-Match", b'"v1"')), (STRONG,), None, id="9110-13.1.1-im-matches"
+    ),
+    pytest.param(
+        cond((b"If-Match", b'"v2"')), (STRONG,), 412, id="9110-13.1.1-im-fails"
+    ),
+    pytest.param(
+        cond((b"If-Match", b'"v1"')),
+        (WEAK,),
+        412,
+        id="9110-13.1.1-im-strong-comparison",
+    ),
+    pytest.param(
+        cond((b"If-Match", b'W/"v1"')),
+        (STRONG,),
+        412,
+        id="9110-13.1.1-im-weak-tag-never-matches",
+    ),
+    pytest.param(cond((b"If-Match", b"*")), (), None, id="9110-13.1.1-im-star"),
+    pytest.param(
+        cond((b"If-Match", b'"v2"'), (b"If-None-Match", b'"v1"')),
+        (STRONG,),
+        412,
+        id="9110-13.2.2-im-before-inm",
+    ),
+    pytest.param(
+        cond((b"If-Match", b'"v1"'), (b"If-None-Match", b'"v1"')),
+        (STRONG,),
+        304,
+        id="9110-13.2.2-im-true-then-inm",
+    ),
+    pytest.param(
+        cond((b"If-Unmodified-Since", date(T0 - 200))),
+        (LM,),
+        412,
+        id="9110-13.1.4-ius-modified-since",
+    ),
+    pytest.param(
+        cond((b"If-Unmodified-Since", date(T0 - 100))),
+        (LM,),
+        None,
+        id="9110-13.1.4-ius-equal-holds",
+    ),
+    pytest.param(
+        cond((b"If-Match", b'"v1"'), (b"If-Unmodified-Since", date(T0 - 200))),
+        (STRONG, LM),
+        None,
+        id="9110-13.1.4-ius-ignored-with-im",
+    ),
+    pytest.param(
+        cond((b"If-Unmodified-Since", date(T0 - 200))),
+        (DATE,),
+        None,
+        id="9110-13.1.4-ius-needs-last-modified",
+    ),
+    pytest.param(
+        cond((b"If-Unmodified-Since", b"yesterday")),
+        (LM,),
+        None,
+        id="9110-13.1.4-ius-invalid-ignored",
+    ),
+    pytest.param(
+        cond((b"If-Modified-Since", date(T0 - 100))),
+        (LM,),
+        304,
+        id="9110-13.1.3-ims-equal-not-modified",
+    ),
+    pytest.param(
+        cond((b"If-Modified-Since", date(T0 - 150))),
+        (LM,),
+        None,
+        id="9110-13.1.3-ims-modified",
+    ),
+    pytest.param(
+        cond((b"If-Modified-Since", b"garbage")),
+        (LM,),
+        None,
+        id="9110-13.1.3-ims-invalid-ignored",
+    ),
+    pytest.param(
+        cond((b"If-Modified-Since", date(T0)), (b"If-Modified-Since", date(T0))),
+        (LM,),
+        None,
+        id="9110-13.1.3-ims-two-members-ignored",
+    ),
+    pytest.param(
+        cond((b"If-None-Match", b'"v2"'), (b"If-Modified-Since", date(T0))),
+        (STRONG, LM),
+        None,
+        id="9110-13.2.2-inm-beats-ims",
+    ),
+    pytest.param(
+        cond((b"If-None-Match", b'"v1"'), (b"If-Modified-Since", date(T0 - 999))),
+        (STRONG, LM),
+        304,
+        id="9110-13.2.2-inm-match-beats-old-ims",
+    ),
+    pytest.param(
+        cond((b"If-Modified-Since", date(T0))),
+        (DATE,),
+        304,
+        id="9111-4.3.2-ims-falls-back-to-date",
+    ),
+    pytest.param(
+        cond((b"If-Modified-Since", date(T0 - 1))),
+        (DATE,),
+        None,
+        id="9111-4.3.2-ims-date-later",
+    ),
+    pytest.param(
+        cond((b"If-Modified-Since", date(T0 - 50))),
+        (),
+        304,
+        id="9111-4.3.2-ims-falls-back-to-received",
+    ),
+    pytest.param(
+        cond((b"If-Range", b'"v1"')), (STRONG,), None, id="9110-13.2.2-if-range-alone"
+    ),
+]
+
+
+@pytest.mark.parametrize(("req", "resp", "expected"), PRECONDITIONS)
+def test_evaluate_conditionals(
+    req: Headers, resp: Headers, expected: int | None
+) -> None:
+    """Preconditions are evaluated against the stored response in RFC order."""
+    request = get(*req)
+    assert policy.has_conditionals(request)
+    outcome = policy.evaluate_conditionals(request, ok(*resp), received=T0 - 60)
+    assert outcome == expected
+
+
+CONDITIONAL_SCOPE = [
+    pytest.param(get(), ok(STRONG), None, id="9110-13.1-no-preconditions"),
+    pytest.param(
+        get((b"If-None-Match", b'"v1"'), method=b"HEAD"),
+        ok(STRONG),
+        304,
+        id="9110-13.2.2-head-304",
+    ),
+    pytest.param(
+        get((b"If-None-Match", b'"v1"'), method=b"POST"),
+        ok(STRONG),
+        None,
+        id="9111-4.3.2-not-for-unsafe-methods",
+    ),
+    pytest.param(
+        get((b"If-None-Match", b'"v1"')),
+        ok(STRONG, status=404),
+        None,
+        id="9110-13.2.1-ignored-for-non-2xx",
+    ),
+    pytest.param(
+        get((b"If-Modified-Since", date(T0))),
+        ok(),
+        None,
+        id="9111-4.3.2-no-date-at-all",
+    ),
+]
+
+
+@pytest.mark.parametrize(("request_head", "response", "expected"), CONDITIONAL_SCOPE)
+def test_evaluate_conditionals_scope(
+    request_head: RequestHead, response: ResponseHead, expected: int | None
+) -> None:
+    """Preconditions apply only to GET/HEAD over a 2xx stored response."""
+    assert policy.evaluate_conditionals(request_head, response) == expected
+
+
+def test_has_conditionals_false_without_fields() -> None:
+    """RFC 9110 13.1: a request without precondition fields is unconditional."""
+    assert not policy.has_conditionals(get((b"Range", b"bytes=0-1"), *cc(b"no-cache")))
+
+
+def test_not_modified_headers() -> None:
+    """RFC 9110 15.4.5: a 304 carries validators and caching fields, no content."""
+    response = ok(
+        (b"Content-Type", b"text/plain"),
+        (b"Content-Length", b"10"),
+        DATE,
+        STRONG,
+        LM,
+        *cc(b"max-age=60"),
+        (b"Expires", date(T0 + 60)),
+        (b"Vary", b"Accept"),
+        (b"Content-Location", b"/a.txt"),
+        (b"Content-Encoding", b"gzip"),
+        COOKIE,
+    )
+    assert policy.not_modified_headers(response) == (
+        DATE,
+        STRONG,
+        LM,
+        *cc(b"max-age=60"),
+        (b"Expires", date(T0 + 60)),
+        (b"Vary", b"Accept"),
+        (b"Content-Location", b"/a.txt"),
+    )
+
+
+# --- RFC 9110 section 13.1.5: If-Range ----------------------------------------
+
+STRONG_LM = (DATE, LM)  # Date is 100 s after Last-Modified: a strong date
+IF_RANGES = [
+    pytest.param((), (STRONG,), True, id="9110-13.1.5-absent"),
+    pytest.param(((b"If-Range", b'"v1"'),), (STRONG,), True, id="9110-13.1.5-etag"),
+    pytest.param(
+        ((b"If-Range", b'"v2"'),), (STRONG,), False, id="9110-13.1.5-etag-differs"
+    ),
+    pytest.param(
+        ((b"If-Range", b'W/"v1"'),), (WEAK,), False, id="9110-13.1.5-weak-sent"
+    ),
+    pytest.param(
+        ((b"If-Range", b'"v1"'),), (WEAK,), False, id="9110-13.1.5-weak-stored"
+    ),
+    pytest.param(
+        ((b"If-Range", date(T0 - 100)),), STRONG_LM, True, id="9110-13.1.5-date"
+    ),
+    pytest.param(
+        ((b"If-Range", date(T0 - 99)),),
+        STRONG_LM,
+        False,
+        id="9110-13.1.5-date-exact-match-only",
+    ),
+    pytest.param(
+        ((b"If-Range", date(T0)),),
+        ((b"Last-Modified", date(T0)), DATE),
+        False,
+        id="9110-8.8.2.2-date-weak-same-second",
+    ),
+    pytest.param(
+        ((b"If-Range", date(T0 - 100)),),
+        (LM,),
+        False,
+        id="9110-8.8.2.2-date-weak-without-date",
+    ),
+    pytest.param(
+        ((b"If-Range", b"not a date"),), STRONG_LM, False, id="9110-13.1.5-garbage"
+    ),
+]
+
+
+@pytest.mark.parametrize(("req", "resp", "expected"), IF_RANGES)
+def test_if_range_allows(req: Headers, resp: Headers, expected: bool) -> None:
+    """If-Range lets Range apply only for a strong validator match."""
+    request = get((b"Range", b"bytes=0-1"), *req)
+    assert policy.if_range_allows(request, ok(*resp)) is expected
+
+
+# --- RFC 9110 section 14: ranges from a complete stored body ------------------
+
+R = policy.ByteRange
+RANGES = [
+    # (Range field value or None, body length, expected)
+    pytest.param(None, 1000, None, id="9110-14.2-absent"),
+    pytest.param(b"bytes=0-499", 1000, [R(0, 499)], id="9110-14.1.2-single"),
+    pytest.param(b"bytes=-500", 1000, [R(500, 999)], id="9110-14.1.2-suffix"),
+    pytest.param(b"bytes=-5000", 1000, [R(0, 999)], id="9110-14.1.2-suffix-longer"),
+    pytest.param(b"bytes=500-", 1000, [R(500, 999)], id="9110-14.1.2-open"),
+    pytest.param(b"bytes=900-5000", 1000, [R(900, 999)], id="9110-14.1.2-clipped"),
+    pytest.param(b"BYTES=0-0", 10, [R(0, 0)], id="9110-14.1-unit-case-insensitive"),
+    pytest.param(
+        b"bytes=0-0,-1", 10000, [R(0, 0), R(9999, 9999)], id="9110-14.1.2-first-last"
+    ),
+    pytest.param(
+        b"bytes= 0-999, 4500-5499, -1000",
+        10000,
+        [R(0, 999), R(4500, 5499), R(9000, 9999)],
+        id="9110-14.1.2-multiple",
+    ),
+    pytest.param(
+        b"bytes=500-600,601-999", 10000, [R(500, 999)], id="9110-14.1.2-adjacent"
+    ),
+    pytest.param(
+        b"bytes=500-700,601-999", 10000, [R(500, 999)], id="9110-14.1.2-overlapping"
+    ),
+    pytest.param(
+        b"bytes=50-59,0-9,5-54",
+        100,
+        [R(0, 59)],
+        id="9110-15.3.7.2-coalesced-chain",
+    ),
+    pytest.param(
+        b"bytes=80-89,0-9,85-95",
+        100,
+        [R(80, 95), R(0, 9)],
+        id="9110-15.3.7.2-request-order-kept",
+    ),
+    pytest.param(
+        b"bytes=0-1,0-1,0-1,0-1", 100, [R(0, 1)], id="9110-17.15-overlap-coalesced"
+    ),
+    pytest.param(b"bytes=1000-", 1000, [], id="9110-14.1.2-unsatisfiable"),
+    pytest.param(b"bytes=-0", 1000, [], id="9110-14.1.2-suffix-zero"),
+    pytest.param(
+        b"bytes=2000-,0-5", 1000, [R(0, 5)], id="9110-14.1.2-unsatisfiable-dropped"
+    ),
+    pytest.param(b"bytes=5-1", 1000, None, id="9110-14.1.1-last-before-first"),
+    pytest.param(b"bytes=0-1,x", 1000, None, id="9110-14.1.1-invalid-spec"),
+    pytest.param(b"bytes=", 1000, None, id="9110-14.1.1-empty-set"),
+    pytest.param(b"bytes 0-1", 1000, None, id="9110-14.1.1-no-equals"),
+    pytest.param(b"bytes=0x10-", 1000, None, id="9110-14.1.1-not-decimal"),
+    pytest.param(b"items=0-1", 1000, None, id="9110-14.2-other-unit-ignored"),
+    pytest.param(b"bytes=0-1", 0, None, id="9110-14.2-zero-length-ignored"),
+    pytest.param(b"bytes=-10", 0, None, id="9110-14.2-zero-length-suffix-ignored"),
+    pytest.param(
+        b"bytes=0-0,,2-2", 10, [R(0, 0), R(2, 2)], id="9110-5.6.1-empty-elements"
+    ),
+    pytest.param(
+        b"bytes=" + b",".join(b"%d-%d" % (i * 2, i * 2) for i in range(101)),
+        1000,
+        None,
+        id="9110-14.2-too-many-ranges",
+    ),
+    pytest.param(
+        b"bytes=99999999999999999999999-", 10, [], id="9110-14.1.2-huge-numbers"
+    ),
+]
+
+
+@pytest.mark.parametrize(("value", "length", "expected"), RANGES)
+def test_requested_ranges(
+    value: bytes | None, length: int, expected: list[policy.ByteRange] | None
+) -> None:
+    """Range is parsed, clipped and coalesced, or ignored when it should be."""
+    request = get() if value is None else get((b"Range", value))
+    assert policy.requested_ranges(request, length) == expected
+
+
+RANGE_SCOPE = [
+    pytest.param(get((b"Range", b"bytes=0-1"), method=b"HEAD"), id="9110-14.2-head"),
+    pytest.param(
+        get((b"Range", b"bytes=0-1"), (b"Range", b"bytes=3-4")),
+        id="9110-14.2-repeated-field",
+    ),
+]
+
+
+@pytest.mark.parametrize("request_head", RANGE_SCOPE)
+def test_requested_ranges_ignored(request_head: RequestHead) -> None:
+    """Range applies to GET only, and only as one field line."""
+    assert policy.requested_ranges(request_head, 100) is None
+
+
+def test_content_range() -> None:
+    """RFC 9110 14.4: Content-Range names the inclusive range and the length."""
+    assert policy.content_range(R(0, 499), 1234) == b"bytes 0-499/1234"
+
+
+def test_multipart_boundary() -> None:
+    """RFC 2046 5.1.1: a deterministic boundary of safe characters, at most 70."""
+    boundary = policy.multipart_boundary(b"\x00\xff seed")
+    assert boundary == policy.multipart_boundary(b"\x00\xff seed")
+    assert boundary != policy.multipart_boundary(b"other")
+    assert 0 < len(boundary) <= 70
+    assert boundary.isascii() and all(
+        c.isalnum() or c in "-_" for c in boundary.decode()
+    )
+
+
+def test_multipart_part_head_and_end() -> None:
+    """RFC 9110 14.6: each part has its delimiter, Content-Type and Content-Range."""
+    head = policy.multipart_part_head(b"B", b"text/plain", R(0, 4), 10)
+    assert head == (
+        b"\r\n--B\r\nContent-Type: text/plain\r\nContent-Range: bytes 0-4/10\r\n\r\n"
+    )
+    assert policy.multipart_part_head(b"B", None, R(5, 9), 10) == (
+        b"\r\n--B\r\nContent-Range: bytes 5-9/10\r\n\r\n"
+    )
+    assert policy.multipart_end(b"B") == b"\r\n--B--\r\n"
+    assert policy.multipart_content_type(b"B") == b"multipart/byteranges; boundary=B"
+
+
+BODY = bytes(range(256)) * 4
+MULTIPART = [
+    pytest.param(b"text/plain", [R(0, 0), R(1023, 1023)], id="9110-14.6-two-bytes"),
+    pytest.param(None, [R(10, 99), R(0, 4)], id="9110-14.6-no-content-type"),
+    pytest.param(
+        b"application/octet-stream",
+        [R(0, 99), R(200, 299), R(1000, 1023)],
+        id="9110-14.6-three-parts",
+    ),
+    pytest.param(b"a/b", [R(0, 1023)], id="9110-14.6-one-part"),
+]
+
+
+@pytest.mark.parametrize(("content_type", "ranges"), MULTIPART)
+def test_multipart_length(
+    content_type: bytes | None, ranges: list[policy.ByteRange]
+) -> None:
+    """multipart_length is the exact length of the assembled multipart body."""
+    boundary = policy.multipart_boundary(b"seed")
+    body = b"".join(
+        policy.multipart_part_head(boundary, content_type, r, len(BODY))
+        + BODY[r.start : r.end + 1]
+        for r in ranges
+    ) + policy.multipart_end(boundary)
+    assert policy.multipart_length(boundary, content_type, ranges, len(BODY)) == len(
+        body
+    )
+    assert body.count(b"--" + boundary) == len(ranges) + 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         "--timeline", action="store_true", help="print RSS per second of each run"
     )
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every server started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     size = common.parse_size(args.size)
     rate = float(common.parse_size(args.rate))
     rcvbuf = common.parse_size(args.rcvbuf)

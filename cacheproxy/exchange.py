@@ -218,7 +218,10 @@ class Exchange:
                     return
             await self._revalidate(entry, verdict)
             return
-        await self._forward(self._origin_headers(), "vary-miss" if entries else "miss")
+        if entries:
+            await self._ask_for_variants(entries)
+        else:
+            await self._forward(self._origin_headers(), "miss")
 
     async def _lookup(self) -> list[Entry]:
         """The stored variants for this URL; a store error is logged and is a miss."""
@@ -311,30 +314,70 @@ class Exchange:
                 return
             await self._forward(self._origin_headers(), "miss")
             return
+        await self._validated(response, [entry], fwd, (request_time, response_time))
+
+    async def _ask_for_variants(self, entries: list[Entry]) -> None:
+        """A Vary miss: let the origin pick among the stored variants by ETag.
+
+        RFC 9111 section 4.3.1: a cache may send the entity tags of all its stored
+        responses; a 304 then names the one that suits this request too.
+        """
+        tagged = [e for e in entries if header_value(e.response.headers, b"etag")]
+        if not tagged or policy.has_conditionals(self.request):
+            await self._forward(self._origin_headers(), "vary-miss")
+            return
+        headers = self._origin_headers(policy.conditional_headers(tagged))
+        request_time = self.proxy.reactor.seconds()
+        response = await self._request(headers)
+        if response is not None:
+            times = (request_time, self.proxy.reactor.seconds())
+            await self._validated(response, tagged, "vary-miss", times)
+
+    async def _validated(
+        self,
+        response: IResponse,
+        candidates: list[Entry],
+        fwd: str,
+        times: tuple[float, float],
+    ) -> None:
+        """Act on the origin's answer to a conditional request for ``candidates``.
+
+        A 304 refreshes and serves the stored response its validators identify
+        (RFC 9111 sections 4.3.3, 4.3.4); a 304 that identifies none is not merged
+        and the response is fetched in full; anything else is relayed.
+        """
         if response.code != 304:
-            self.code = "TCP_REFRESH_MODIFIED"
-            await self._relay(response, fwd, (request_time, response_time))
+            self.code = "TCP_REFRESH_MODIFIED" if fwd != "vary-miss" else "TCP_MISS"
+            await self._relay(response, fwd, times)
             return
         head304 = self._response_head(response)
         await _discard_body(response)
-        if not policy.validators_match(entry.response, head304):
-            # RFC 9111 section 4.3.4: a 304 that matches nothing is not merged.
-            self.code = "TCP_REFRESH_MODIFIED"
+        matched = [
+            entry
+            for entry in candidates
+            if policy.validators_match(entry.response, head304)
+        ]
+        if not matched:
+            self.code = "TCP_REFRESH_MODIFIED" if fwd != "vary-miss" else "TCP_MISS"
             await self._forward(self._origin_headers(), fwd)
             return
-        updated = dataclasses.replace(
-            entry,
-            response=policy.updated_response(entry.response, head304),
-            request_time=request_time,
-            response_time=response_time,
-        )
-        try:
-            await self.proxy.in_thread(self.proxy.store.update, updated)
-        except Exception:
-            log.failure("store update failed for {key}", key=self.key)
+        updated = [
+            dataclasses.replace(
+                entry,
+                response=policy.updated_response(entry.response, head304),
+                request_time=times[0],
+                response_time=times[1],
+            )
+            for entry in matched
+        ]
+        for entry in updated:
+            try:
+                await self.proxy.in_thread(self.proxy.store.update, entry)
+            except Exception:
+                log.failure("store update failed for {key}", key=self.key)
         status = b"fwd=%s; fwd-status=304" % fwd.encode()
         served = await self._serve_stored(
-            updated, "TCP_REFRESH_UNMODIFIED", status, validated=True
+            updated[0], "TCP_REFRESH_UNMODIFIED", status, validated=True
         )
         if not served:
             await self._forward(self._origin_headers(), "miss")

@@ -303,3 +303,30 @@ async def test_head_miss_forwarded_with_length(origin: Origin, proxy: RunningPro
     assert origin.requests[b"/hm"][0].method == b"HEAD"
     get = await fetch(proxy.port, "GET", url)
     assert get.body == b"abcdef"
+
+
+@pytest_twisted.ensureDeferred
+async def test_vary_miss_asks_with_stored_etags(origin: Origin, proxy: RunningProxy):
+    """On a Vary miss the origin gets the stored ETags; its 304 picks the one to serve."""
+
+    def handler(request: server.Request) -> bytes:
+        request.setHeader(b"Vary", b"Accept-Language")
+        request.setHeader(b"Cache-Control", b"max-age=300")
+        # English and anything else share one representation.
+        french = request.getHeader(b"accept-language") == b"fr"
+        etag = b'"fr"' if french else b'"en"'
+        request.setHeader(b"ETag", etag)
+        if etag in (request.getHeader(b"if-none-match") or b""):
+            request.setResponseCode(304)
+            return b""
+        return b"bonjour" if french else b"hello"
+
+    url = origin.route("/lang", handler)
+    await fetch(proxy.port, "GET", url, {"Accept-Language": "en"})
+    await fetch(proxy.port, "GET", url, {"Accept-Language": "fr"})
+    other = await fetch(proxy.port, "GET", url, {"Accept-Language": "de"})
+    assert other.status == 200
+    assert other.body == b"hello"
+    assert other.header("Cache-Status") == "cacheproxy; fwd=vary-miss; fwd-status=304"
+    sent = origin.requests[b"/lang"][2].header("If-None-Match")
+    assert '"en"' in sent and '"fr"' in sent

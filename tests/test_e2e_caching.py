@@ -307,7 +307,7 @@ async def test_head_miss_forwarded_with_length(origin: Origin, proxy: RunningPro
 
 @pytest_twisted.ensureDeferred
 async def test_vary_miss_asks_with_stored_etags(origin: Origin, proxy: RunningProxy):
-    """On a Vary miss the origin gets the stored ETags; its 304 picks the one to serve."""
+    """On a Vary miss the origin gets the stored ETags; its 304 picks one to serve."""
 
     def handler(request: server.Request) -> bytes:
         request.setHeader(b"Vary", b"Accept-Language")

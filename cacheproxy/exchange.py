@@ -39,6 +39,7 @@ from cacheproxy.model import (
     RequestHead,
     ResponseHead,
     header_value,
+    with_header,
     without_headers,
 )
 from cacheproxy.origin import Origin, OriginTimeout
@@ -193,6 +194,9 @@ class Exchange:
         except ValueError as reason:
             self.fail(400, f"cannot proxy this URL: {reason}")
             return
+        if self.request.method in (b"TRACE", b"OPTIONS"):
+            await self._forward_limited()
+            return
         if self.request.method not in (b"GET", b"HEAD"):
             await self._forward(self._origin_headers(), "method")
             return
@@ -222,6 +226,42 @@ class Exchange:
             await self._ask_for_variants(entries)
         else:
             await self._forward(self._origin_headers(), "miss")
+
+    async def _forward_limited(self) -> None:
+        """TRACE and OPTIONS obey Max-Forwards (RFC 9110 section 7.6.2)."""
+        headers = self._origin_headers()
+        value = header_value(self.request.headers, b"max-forwards")
+        if value is None or not value.strip().isdigit():
+            await self._forward(headers, "method")
+            return
+        remaining = int(value)
+        if remaining > 0:
+            headers = with_header(headers, b"Max-Forwards", b"%d" % (remaining - 1))
+            await self._forward(headers, "method")
+            return
+        # The proxy is the final recipient (RFC 9110 sections 9.3.7 and 9.3.8).
+        self.code = "NONE_NONE"
+        if self.request.method == b"OPTIONS":
+            allow = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"
+            self.writer.start(200, b"OK", ((b"Allow", allow),) + self._via(), 0)
+        else:
+            echo = self._trace_echo()
+            fields = ((b"Content-Type", b"message/http"),) + self._via()
+            self.writer.start(200, b"OK", fields, len(echo))
+            self.writer.write(echo)
+        self.writer.finish()
+
+    def _trace_echo(self) -> bytes:
+        """The request as received, less fields likely to hold secrets (9.3.8)."""
+        secret = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+        request = self.request
+        lines = [b"%s %s HTTP/%s" % (request.method, request.target, request.version)]
+        kept = without_headers(request.headers, secret)
+        lines += [b"%s: %s" % field for field in kept]
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def _via(self) -> Headers:
+        return ((b"Via", self.proxy.via),)
 
     async def _lookup(self) -> list[Entry]:
         """The stored variants for this URL; a store error is logged and is a miss."""
@@ -634,10 +674,7 @@ class Exchange:
 
     def _proxy_headers(self, cache_status: bytes) -> Headers:
         """``Via`` and ``Cache-Status`` (RFC 9211) for a response to the client."""
-        return (
-            (b"Via", self.proxy.via),
-            (b"Cache-Status", b"cacheproxy; " + cache_status),
-        )
+        return self._via() + ((b"Cache-Status", b"cacheproxy; " + cache_status),)
 
     def _host(self) -> str:
         """The origin's host (and port, when not the default) from the cache key."""
@@ -655,7 +692,7 @@ class Exchange:
             message=message,
         )
         self.content_type = b"text/plain"
-        self.writer.error(status, message, ((b"Via", self.proxy.via),))
+        self.writer.error(status, message, self._via())
 
     def log_access(self) -> None:
         """Queue this exchange's access-log line."""

@@ -32,6 +32,10 @@ class _ConnectionShowingParser(_newclient.HTTPClientParser):
     origin declared hop-by-hop; the proxy must drop those (RFC 9110 section 7.6.1).
     """
 
+    # LineReceiver's default of 16 KiB would cut long Set-Cookie or CSP fields; the
+    # proxy allows an origin the same 64 KiB per field it allows a client's block.
+    MAX_LENGTH = 64 * 1024
+
     def headerReceived(self, name: bytes, value: bytes) -> None:
         super().headerReceived(name, value)
         if name.lower() == b"connection":

@@ -276,3 +276,31 @@ async def test_origin_connections_are_reused(tmp_path):
         await raw.stop()
     assert len(raw.requests) == 3
     assert len(raw.connections) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_forwards_zero_is_answered_by_the_proxy(
+    origin: Origin, proxy: RunningProxy
+):
+    """TRACE and OPTIONS with Max-Forwards: 0 are answered by the proxy itself."""
+    url = origin.route("/echo", _echo)
+    trace = await fetch(
+        proxy.port, "TRACE", url, {"Max-Forwards": "0", "Authorization": "Basic eDp5"}
+    )
+    options = await fetch(proxy.port, "OPTIONS", url, {"Max-Forwards": "0"})
+    assert trace.status == 200
+    assert trace.header("Content-Type") == "message/http"
+    assert trace.body.startswith(f"TRACE {url} HTTP/1.1\r\n".encode())
+    assert b"Authorization" not in trace.body
+    assert options.status == 200
+    assert "GET" in options.header("Allow")
+    assert origin.count("/echo") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_forwards_is_decremented(origin: Origin, proxy: RunningProxy):
+    """An OPTIONS with Max-Forwards above zero is forwarded with one less."""
+    url = origin.route("/echo", _echo)
+    response = await fetch(proxy.port, "OPTIONS", url, {"Max-Forwards": "5"})
+    assert response.status == 200
+    assert origin.requests[b"/echo"][0].header("Max-Forwards") == "4"

@@ -55,9 +55,7 @@ def _by_method(origin: Origin, path: str, unsafe_status: int) -> str:
 async def test_only_if_cached_miss_is_504(origin: Origin, proxy: RunningProxy):
     """only-if-cached with nothing stored gets 504 and the origin is not contacted."""
     url = origin.static("/oic-miss", b"x", {"Cache-Control": "max-age=300"})
-    response = await fetch(
-        proxy.port, "GET", url, {"Cache-Control": "only-if-cached"}
-    )
+    response = await fetch(proxy.port, "GET", url, {"Cache-Control": "only-if-cached"})
     assert response.status == 504
     assert origin.count("/oic-miss") == 0
 
@@ -67,9 +65,7 @@ async def test_only_if_cached_fresh_hit_is_served(origin: Origin, proxy: Running
     """only-if-cached with a fresh stored response gets it, from the store."""
     url = origin.static("/oic-hit", b"stored", {"Cache-Control": "max-age=300"})
     await fetch(proxy.port, "GET", url)
-    response = await fetch(
-        proxy.port, "GET", url, {"Cache-Control": "only-if-cached"}
-    )
+    response = await fetch(proxy.port, "GET", url, {"Cache-Control": "only-if-cached"})
     assert response.status == 200
     assert response.body == b"stored"
     assert response.header("Cache-Status") == "cacheproxy; hit"
@@ -205,7 +201,9 @@ async def test_request_no_store_is_not_stored(origin: Origin, proxy: RunningProx
 @pytest_twisted.ensureDeferred
 async def test_s_maxage_wins_over_max_age(origin: Origin, proxy: RunningProxy):
     """In a shared cache s-maxage=300 overrides max-age=0: the next request hits."""
-    url = origin.static("/smax", b"shared", {"Cache-Control": "s-maxage=300, max-age=0"})
+    url = origin.static(
+        "/smax", b"shared", {"Cache-Control": "s-maxage=300, max-age=0"}
+    )
     await fetch(proxy.port, "GET", url)
     hit = await fetch(proxy.port, "GET", url)
     assert hit.body == b"shared"
@@ -280,9 +278,7 @@ async def test_immutable_hit_ignores_client_no_cache(
     origin: Origin, proxy: RunningProxy
 ):
     """A fresh immutable response is served from the store despite request no-cache."""
-    url = origin.static(
-        "/imm", b"forever", {"Cache-Control": "immutable, max-age=300"}
-    )
+    url = origin.static("/imm", b"forever", {"Cache-Control": "immutable, max-age=300"})
     await fetch(proxy.port, "GET", url)
     reload = await fetch(proxy.port, "GET", url, {"Cache-Control": "no-cache"})
     assert reload.body == b"forever"
@@ -370,7 +366,10 @@ async def test_changed_vary_fields_replace_old_variants(
     assert br.header("Cache-Status") == "cacheproxy; fwd=vary-miss; stored"
     br_hit = await fetch(proxy.port, "GET", url, en_br)
     gzip_hit = await fetch(proxy.port, "GET", url, fr)
-    assert (br_hit.body, gzip_hit.body) == (b"accept-encoding=br", b"accept-encoding=gzip")
+    assert (br_hit.body, gzip_hit.body) == (
+        b"accept-encoding=br",
+        b"accept-encoding=gzip",
+    )
     assert br_hit.header("Cache-Status") == gzip_hit.header("Cache-Status")
     assert br_hit.header("Cache-Status") == "cacheproxy; hit"
     assert origin.count("/revary") == 3
@@ -431,9 +430,7 @@ async def test_encoded_reserved_character_is_another_entry(
 
 
 @pytest_twisted.ensureDeferred
-async def test_scheme_and_host_case_share_an_entry(
-    origin: Origin, proxy: RunningProxy
-):
+async def test_scheme_and_host_case_share_an_entry(origin: Origin, proxy: RunningProxy):
     """HTTP://LOCALHOST:port/p names the same entry as http://localhost:port/p."""
     origin.static("/case", b"cased", {"Cache-Control": "max-age=300"})
     port = origin.port.getHost().port
@@ -464,7 +461,7 @@ async def test_successful_put_or_delete_invalidates(
     assert (await fetch(proxy.port, "GET", url)).header("Cache-Status") == (
         "cacheproxy; hit"
     )
-    changed = await fetch(proxy.port, "GET" if False else method, url, body=b"new")
+    changed = await fetch(proxy.port, method, url, body=b"new")
     after = await fetch(proxy.port, "GET", url)
     assert changed.status == 204
     assert after.header("Cache-Status") == "cacheproxy; fwd=miss; stored"
@@ -540,7 +537,7 @@ async def test_missing_date_is_added_and_kept(tmp_path):
     def script(transport, head):
         transport.write(
             b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n"
-            b"Content-Length: 6\r\n\r\nundated"[:-1]
+            b"Content-Length: 7\r\n\r\nundated"
         )
 
     raw = start_raw_origin(script)
@@ -552,8 +549,7 @@ async def test_missing_date_is_added_and_kept(tmp_path):
     finally:
         await running.service.stopService()
         await raw.stop()
-    assert not any(line.lower().startswith(b"date:") for line in [])
-    assert first.body == hit.body == b"undate"
+    assert first.body == hit.body == b"undated"
     assert hit.header("Cache-Status") == "cacheproxy; hit"
     assert len(raw.requests) == 1
     date = policy.parse_http_date(first.header("Date").encode())

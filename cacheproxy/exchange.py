@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import socket
 from collections.abc import Callable, Sequence
 from email.utils import formatdate
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from urllib.parse import urlsplit
 
 from twisted.internet import defer, error, threads
 from twisted.internet.interfaces import IPullProducer
@@ -38,13 +40,19 @@ from cacheproxy.model import (
     Headers,
     RequestHead,
     ResponseHead,
+    header_list,
     header_value,
+    is_allowed,
     with_header,
     without_headers,
 )
 from cacheproxy.origin import Origin, OriginTimeout
 from cacheproxy.server import RequestBody, ResponseWriter, discarding_writer
 from cacheproxy.store import BodyWriter, Store
+from cacheproxy.tunnel import Tunnel, parse_authority
+
+if TYPE_CHECKING:
+    from cacheproxy.server import ProxyProtocol
 
 log = Logger()
 
@@ -101,24 +109,44 @@ class Proxy:
         request: RequestHead,
         body: RequestBody,
         writer: ResponseWriter,
-        client: str,
+        channel: ProxyProtocol,
     ) -> None:
-        """Answer one request from ``client`` through ``writer``."""
-        exchange = Exchange(self, request, body, writer, client)
+        """Answer one request that arrived on ``channel`` through ``writer``."""
+        exchange = Exchange(self, request, body, writer, channel.client, channel.local)
         defer.ensureDeferred(exchange.run())
 
     def reject(
         self,
         request: RequestHead,
         writer: ResponseWriter,
-        client: str,
+        channel: ProxyProtocol,
         status: int,
         message: str,
     ) -> None:
         """Answer a request refused before it was parsed whole."""
-        exchange = Exchange(self, request, RequestBody(None, False), writer, client)
+        exchange = Exchange(
+            self, request, RequestBody(None, False), writer, channel.client
+        )
         exchange.fail(status, message)
         exchange.log_access()
+
+    def connect(
+        self,
+        request: RequestHead,
+        first: bytes,
+        writer: ResponseWriter,
+        channel: ProxyProtocol,
+    ) -> None:
+        """Open a CONNECT tunnel for ``channel`` (RFC 9110 section 9.3.6)."""
+        exchange = Exchange(
+            self,
+            request,
+            RequestBody(None, False),
+            writer,
+            channel.client,
+            channel.local,
+        )
+        defer.ensureDeferred(exchange.run_tunnel(channel, first))
 
     def in_thread(self, function: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         """Run a blocking store call in the store's thread pool."""
@@ -152,12 +180,14 @@ class Exchange:
         body: RequestBody,
         writer: ResponseWriter,
         client: str,
+        local: tuple[str, int] = ("", 0),
     ) -> None:
         self.proxy = proxy
         self.request = request
         self.body = body
         self.writer = writer
         self.client = client
+        self.local = local
         self.started = proxy.reactor.seconds()
         self.key = ""
         self.background = False
@@ -181,7 +211,87 @@ class Exchange:
         finally:
             self.log_access()
 
+    async def run_tunnel(self, channel: ProxyProtocol, first: bytes) -> None:
+        """Splice the client with the CONNECT target; log once the tunnel closes."""
+        try:
+            opened = await self._open_tunnel(channel, first)
+        except Exception:
+            log.failure(
+                "error opening a tunnel to {target}", target=self.request.target
+            )
+            channel.tunnel = None
+            self.fail(500, "internal error in the proxy")
+            opened = False
+        if not opened:
+            self.log_access()
+
+    async def _open_tunnel(self, channel: ProxyProtocol, first: bytes) -> bool:
+        """Check and open the tunnel; False after answering an error."""
+        if not self._admitted():
+            return False
+        try:
+            host, port = parse_authority(self.request.target)
+        except (ValueError, UnicodeDecodeError):
+            self.fail(400, "CONNECT needs host:port")
+            return False
+        if port not in self.proxy.config.connect_ports:
+            self.fail(403, f"CONNECT to port {port} is not allowed")
+            return False
+        if self._is_own_address(host, port):
+            self.fail(508, "forwarding loop: the CONNECT target is this proxy")
+            return False
+        self.hierarchy = f"HIER_DIRECT/{host}"
+        tunnel = Tunnel(
+            self.proxy.reactor,
+            channel.transport_handle,
+            self.proxy.config.tunnel_idle_timeout,
+            self._tunnel_closed,
+        )
+        channel.tunnel = tunnel
+        try:
+            await tunnel.open(host, port, self.proxy.config.origin_timeout, first)
+        except Exception as reason:
+            channel.tunnel = None
+            timed_out = isinstance(reason, (error.TimeoutError, defer.TimeoutError))
+            status = 504 if timed_out else 502
+            self.fail(status, f"cannot connect to {host}:{port}: {reason}")
+            return False
+        self.code = "TCP_TUNNEL"
+        self.writer.status = 200
+        tunnel.splice(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        return True
+
+    def _tunnel_closed(self, tunnel: Tunnel) -> None:
+        if tunnel.established:
+            self.writer.bytes_sent = tunnel.up + tunnel.down
+            self.log_access()
+
+    def _admitted(self) -> bool:
+        """Refuse clients outside ``--allow`` and forwarding loops."""
+        if not is_allowed(self.client, self.proxy.config.allow):
+            self.fail(403, f"access denied: {self.client} may not use this proxy")
+            return False
+        pseudonym = self.proxy.pseudonym.encode("ascii").lower()
+        if any(
+            pseudonym in via.lower()
+            for via in header_list(self.request.headers, b"via")
+        ):
+            # RFC 9110 section 7.6.3: Via exists to detect such loops.
+            self.fail(508, "forwarding loop: the request has passed this proxy before")
+            return False
+        return True
+
+    def _is_own_address(self, host: str, port: int) -> bool:
+        """Whether ``host:port`` is where this proxy listens (a loop)."""
+        here, own_port = self.local
+        if port != own_port:
+            return False
+        names = {here, "localhost", "127.0.0.1", "::1", socket.gethostname()}
+        return host.lower().strip("[]") in names
+
     async def _route(self) -> None:
+        if not self._admitted():
+            return
         target = self.request.target
         if not target.lower().startswith(b"http://"):
             if target.startswith(b"/"):
@@ -193,6 +303,10 @@ class Exchange:
             self.key = policy.cache_key(target)
         except ValueError as reason:
             self.fail(400, f"cannot proxy this URL: {reason}")
+            return
+        url = urlsplit(self.key)
+        if self._is_own_address(url.hostname or "", url.port or 80):
+            self.fail(508, "forwarding loop: the URL points at this proxy")
             return
         if self.request.method in (b"TRACE", b"OPTIONS"):
             await self._forward_limited()

@@ -9,7 +9,25 @@ Rules of this module:
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Loopback, RFC 1918, link-local and unique-local: a LAN, never the internet.
+DEFAULT_ALLOW: tuple[Network, ...] = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "127.0.0.0/8",
+        "::1/128",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+        "fc00::/7",
+        "fe80::/10",
+    )
+)
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -144,6 +162,9 @@ class Config:
     @ivar origin_timeout: seconds allowed for connecting to an origin and receiving
         the first byte of its response.
     @ivar heuristic_cap: upper bound in seconds of heuristic freshness.
+    @ivar allow: client networks that may use the proxy.
+    @ivar connect_ports: ports a CONNECT tunnel may reach.
+    @ivar tunnel_idle_timeout: seconds a tunnel may carry nothing before it is closed.
     """
 
     port: str = "tcp:3128"
@@ -153,3 +174,18 @@ class Config:
     access_log: str = "var/log/access.log"
     origin_timeout: float = 60.0
     heuristic_cap: float = 86400.0
+    allow: tuple[Network, ...] = DEFAULT_ALLOW
+    connect_ports: frozenset[int] = frozenset({443})
+    tunnel_idle_timeout: float = 600.0
+
+
+def is_allowed(client: str, networks: tuple[Network, ...]) -> bool:
+    """Whether the client address lies in one of ``networks``."""
+    try:
+        address = ipaddress.ip_address(client.split("%", 1)[0])
+    except ValueError:
+        # Not an IP address (a UNIX socket): local by construction.
+        return True
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from twisted.python import usage
 
-from cacheproxy.model import Config
+from cacheproxy.model import DEFAULT_ALLOW, Config, Network
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -33,6 +34,27 @@ def parse_port(text: str) -> str:
             f"not a port: {text!r} (use a number or an endpoint like tcp:3128)"
         )
     return text
+
+
+def parse_network(text: str) -> Network:
+    """An IPv4 or IPv6 network in CIDR notation (a bare address is one host)."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise usage.UsageError(
+            f"not a network: {text!r} (use CIDR, 10.0.0.0/8)"
+        ) from None
+
+
+def parse_ports(text: str) -> frozenset[int]:
+    """A comma-separated list of TCP ports."""
+    ports: set[int] = set()
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit() or not 0 < int(item) <= 65535:
+            raise usage.UsageError(f"not a port list: {text!r} (use 443,8443)")
+        ports.add(int(item))
+    return frozenset(ports)
 
 
 def parse_seconds(text: str) -> float:
@@ -90,7 +112,27 @@ class Options(usage.Options):
             "seconds to connect to an origin and receive the first byte of its "
             "response before answering 504",
         ],
+        [
+            "connect-ports",
+            None,
+            "443",
+            "comma-separated ports that CONNECT tunnels may reach (443,8443)",
+        ],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["allow"] = []
+
+    def opt_allow(self, network: str) -> None:
+        self["allow"].append(parse_network(network))
+
+    # usage.Options shows an opt_ method's docstring as its help, verbatim.
+    opt_allow.__doc__ = (
+        "client network that may use the proxy, in CIDR, IPv4 or IPv6 (repeatable; "
+        "default: loopback, 10/8, 172.16/12, 192.168/16, 169.254/16, fc00::/7, "
+        "fe80::/10)"
+    )
 
     def postOptions(self) -> None:
         """Validate every value into a Config, or raise a UsageError naming it."""
@@ -101,4 +143,6 @@ class Options(usage.Options):
             max_object_size=parse_size(self["max-object-size"]),
             access_log=self["access-log"],
             origin_timeout=parse_seconds(self["origin-timeout"]),
+            allow=tuple(self["allow"]) or DEFAULT_ALLOW,
+            connect_ports=parse_ports(self["connect-ports"]),
         )

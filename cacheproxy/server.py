@@ -29,6 +29,7 @@ from cacheproxy.model import Headers, RequestHead, header_values
 
 if TYPE_CHECKING:
     from cacheproxy.exchange import Proxy
+    from cacheproxy.tunnel import Tunnel
 
 log = Logger()
 
@@ -297,6 +298,9 @@ class ProxyProtocol(Protocol):
 
     @ivar proxy: the shared proxy state that handles each request.
     @ivar connected: the client connection is open.
+    @ivar client: the client's address.
+    @ivar local: the address and port the client reached the proxy at.
+    @ivar tunnel: after a CONNECT, the tunnel that now owns the connection.
     """
 
     def __init__(self, proxy: Proxy) -> None:
@@ -313,7 +317,9 @@ class ProxyProtocol(Protocol):
         self._closing = False
         self._tcp: Any = None
         self._connect: RequestHead | None = None
+        self.tunnel: Tunnel | None = None
         self.client = "-"
+        self.local: tuple[str, int] = ("", 0)
 
     # -- connection ---------------------------------------------------------------
 
@@ -323,14 +329,21 @@ class ProxyProtocol(Protocol):
         self._tcp = self.transport
         peer: IAddress = self._tcp.getPeer()
         self.client = getattr(peer, "host", "-")
+        here: IAddress = self._tcp.getHost()
+        self.local = (getattr(here, "host", ""), getattr(here, "port", 0))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
+        if self.tunnel is not None:
+            self.tunnel.client_lost()
         self._queue.clear()
         if self._parsing is not None:
             self._parsing.body.detach()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
         if self._closing:
             return
         try:
@@ -412,7 +425,7 @@ class ProxyProtocol(Protocol):
             # RFC 9110 section 10.1.1: the proxy answers 100 itself and sends the
             # body on, rather than making the client wait for the origin.
             self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.proxy.handle(pending.head, body, writer, self.client)
+        self.proxy.handle(pending.head, body, writer, self)
 
     def response_finished(
         self, writer: ResponseWriter, keep_alive: bool, abort: bool = False
@@ -429,6 +442,11 @@ class ProxyProtocol(Protocol):
             self._start_next()
         else:
             self._resume("pipeline")
+
+    @property
+    def transport_handle(self) -> Any:
+        """The client's TCP transport (for a tunnel to splice)."""
+        return self._tcp
 
     def send(self, data: bytes) -> None:
         """Write to the client if it is still connected."""
@@ -448,8 +466,13 @@ class ProxyProtocol(Protocol):
     def _upgrade(self, data: bytes, offset: int) -> None:
         """llhttp stopped at a CONNECT or an ``Upgrade`` request."""
         if self._connect is not None:
-            # Tunnels come with issue 4.
-            self._reject(501, "CONNECT is not supported by this proxy yet")
+            if self._active is not None or self._queue:
+                # Pipelined behind another request: it cannot be answered in order.
+                self._close(abort=False)
+                return
+            writer = ResponseWriter(self, self._connect, keep_alive=False)
+            self._active = writer
+            self.proxy.connect(self._connect, data[offset:], writer, self)
             return
         # Upgrade is hop-by-hop (RFC 9110 section 7.8): the request was already
         # handed on as an ordinary one; parse what follows with a fresh parser.
@@ -474,7 +497,7 @@ class ProxyProtocol(Protocol):
         head = RequestHead(b"-", bytes(self._target[:200]) or b"-")
         writer = ResponseWriter(self, head, keep_alive=False)
         self._active = writer
-        self.proxy.reject(head, writer, self.client, status, message)
+        self.proxy.reject(head, writer, self, status, message)
 
     def _close(self, abort: bool) -> None:
         self._closing = True

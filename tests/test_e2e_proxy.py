@@ -244,7 +244,11 @@ async def test_body_streams_as_it_arrives(tmp_path, head, first, rest, final):
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", running.port)
         client = await connectProtocol(endpoint, watcher)
         client.transport.write(request_bytes("GET", raw.url("/trickle")))
-        await watcher.got.addTimeout(TIMEOUT, reactor)
+        try:
+            await watcher.got.addTimeout(TIMEOUT, reactor)
+        except defer.TimeoutError:
+            seen = f"saw only {watcher.data!r}, origin got {raw.requests}"
+            raise AssertionError(seen) from None
         assert b"rest" not in watcher.data
         watcher.marker, watcher.got = b"rest", defer.Deferred()
         trickle.finish()

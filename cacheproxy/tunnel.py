@@ -1,0 +1,159 @@
+"""CONNECT tunnels: the client's connection spliced with one to the target.
+
+Rules of this module:
+- Bytes go both ways untouched; each side's transport is the other's producer, so a
+  slow reader on one side pauses reading on the other (as in Twisted's portforward).
+- The tunnel's first bytes may arrive in the same packet as the CONNECT request; they
+  are held until the target is connected, then sent first.
+- When either side closes, the other is closed after its pending writes; a tunnel that
+  carries nothing for ``idle_timeout`` seconds is closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+
+def parse_authority(target: bytes) -> tuple[str, int]:
+    """``host:port`` of a CONNECT request (RFC 9110 section 9.3.6), IPv6 in brackets.
+
+    Raises ValueError when it is not one.
+    """
+    text = target.decode("ascii")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"not host:port: {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(c in host for c in "/@ []") or ("[" in text) != (":" in host):
+        raise ValueError(f"not host:port: {text!r}")
+    return host, int(port)
+
+
+class _TargetSide(Protocol):
+    """The connection to the CONNECT target."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self._tunnel = tunnel
+
+    def dataReceived(self, data: bytes) -> None:
+        self._tunnel.from_target(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._tunnel.target_lost()
+
+
+class Tunnel:
+    """One CONNECT tunnel between a client transport and a target.
+
+    @ivar up: bytes sent from the client to the target.
+    @ivar down: bytes sent from the target to the client.
+    @ivar established: the target accepted the connection.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        client: Any,
+        idle_timeout: float,
+        on_close: Callable[[Tunnel], None],
+    ) -> None:
+        self._reactor = reactor
+        self._client = client
+        self._target: Any = None
+        self._idle_timeout = idle_timeout
+        self._on_close = on_close
+        self._pending: list[bytes] = []
+        self._idle: IDelayedCall | None = None
+        self._closed = False
+        self.up = 0
+        self.down = 0
+        self.established = False
+
+    async def open(self, host: str, port: int, timeout: float, first: bytes) -> None:
+        """Connect to ``host:port``; raises the connection error if that fails."""
+        if first:
+            self._pending.append(first)
+        self._client.pauseProducing()
+        endpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+        side = _TargetSide(self)
+        connecting = connectProtocol(endpoint, side)
+        connecting.addTimeout(timeout, self._reactor)
+        try:
+            await connecting
+        except BaseException:
+            self._client.resumeProducing()
+            raise
+        self._target = side.transport
+
+    def splice(self, greeting: bytes) -> None:
+        """Send ``greeting`` to the client, then let bytes flow both ways."""
+        if self._target is None:
+            return
+        self.established = True
+        self._client.write(greeting)
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self.from_client(data)
+        # Backpressure both ways, as twisted.protocols.portforward does.
+        self._client.registerProducer(self._target, True)
+        self._target.registerProducer(self._client, True)
+        self._client.resumeProducing()
+        self._touch()
+
+    def from_client(self, data: bytes) -> None:
+        """Bytes from the client, for the target."""
+        if self._target is None:
+            self._pending.append(data)
+            return
+        self.up += len(data)
+        self._target.write(data)
+        self._touch()
+
+    def from_target(self, data: bytes) -> None:
+        """Bytes from the target, for the client."""
+        self.down += len(data)
+        self._client.write(data)
+        self._touch()
+
+    def client_lost(self) -> None:
+        """The client closed its side."""
+        if self._target is not None:
+            self._target.loseConnection()
+        self._close()
+
+    def target_lost(self) -> None:
+        """The target closed its side."""
+        if self.established:
+            self._client.loseConnection()
+            self._close()
+
+    def _touch(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_timeout)
+        elif not self._closed:
+            self._idle = self._reactor.callLater(self._idle_timeout, self._expire)
+
+    def _expire(self) -> None:
+        log.info("closing a tunnel idle for {seconds:g} s", seconds=self._idle_timeout)
+        self._client.loseConnection()
+        if self._target is not None:
+            self._target.loseConnection()
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._on_close(self)

@@ -67,6 +67,10 @@ _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
 # Framing fields: the proxy frames every message it sends itself.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _AGE = frozenset({b"age"})
+# A revalidation asks for the whole representation, whatever part the client wants.
+_RANGE = frozenset({b"range", b"if-range"})
+# The errors stale-if-error covers (RFC 5861 section 4).
+_SERVER_ERRORS = frozenset({500, 502, 503, 504})
 # What a stored body is sent as: literal bytes, or (offset, length) of the file.
 Piece = bytes | tuple[int, int]
 
@@ -320,9 +324,11 @@ class Exchange:
             self.request, entries, now, heuristic_cap=self.proxy.config.heuristic_cap
         )
         if verdict.action is policy.Action.SERVE and verdict.entry is not None:
-            if await self._serve_stored(verdict.entry, "TCP_HIT", b"hit"):
-                return
-        elif verdict.action is policy.Action.GATEWAY_TIMEOUT:
+            if not await self._serve_stored(verdict.entry, "TCP_HIT", b"hit"):
+                # The body was evicted since the lookup.
+                await self._forward(self._origin_headers(), "miss")
+            return
+        if verdict.action is policy.Action.GATEWAY_TIMEOUT:
             self.fail(504, "only-if-cached: the response is not in the cache")
             return
         elif verdict.action is policy.Action.REVALIDATE and verdict.entry is not None:
@@ -461,7 +467,11 @@ class Exchange:
             await self._origin_failed(entry, failure, verdict)
             return
         response_time = self.proxy.reactor.seconds()
-        if response.code >= 500 and self._may_serve_stale_on_error(entry):
+        if (
+            response.code in _SERVER_ERRORS
+            and verdict.stale
+            and self._may_serve_stale_on_error(entry)
+        ):
             await _discard_body(response)
             status = b"fwd=stale; fwd-status=%d; detail=stale-if-error" % response.code
             if await self._serve_stored(entry, "TCP_REFRESH_FAIL_OLD", status):
@@ -524,11 +534,13 @@ class Exchange:
             )
             for entry in matched
         ]
-        for entry in updated:
-            try:
-                await self.proxy.in_thread(self.proxy.store.update, entry)
-            except Exception:
-                log.failure("store update failed for {key}", key=self.key)
+        # RFC 9111 section 5.2.1.5: a no-store request leaves the store untouched.
+        if "no-store" not in policy.cache_control(self.request.headers):
+            for entry in updated:
+                try:
+                    await self.proxy.in_thread(self.proxy.store.update, entry)
+                except Exception:
+                    log.failure("store update failed for {key}", key=self.key)
         status = b"fwd=%s; fwd-status=304" % fwd.encode()
         served = await self._serve_stored(
             updated[0], "TCP_REFRESH_UNMODIFIED", status, validated=True
@@ -782,7 +794,7 @@ class Exchange:
 
     def _origin_headers(self, conditional: Headers = ()) -> Headers:
         """The request fields sent to the origin (RFC 9110 section 7.6)."""
-        drop = _NOT_FORWARDED | (_CONDITIONALS if conditional else frozenset())
+        drop = _NOT_FORWARDED | (_CONDITIONALS | _RANGE if conditional else frozenset())
         headers = without_headers(policy.end_to_end(self.request.headers), drop)
         return headers + conditional + ((b"Via", self.proxy.via),)
 

@@ -341,7 +341,6 @@ def is_storable(request: RequestHead, response: ResponseHead) -> bool:
         or "max-age" in cc
         or bool(header_values(response.headers, b"expires"))
         or status in HEURISTIC_STATUSES
-        or "no-cache" in cc
     )
 
 

@@ -217,3 +217,32 @@ async def test_head_with_other_validators_drops_stored_get(
     after = await fetch(proxy.port, "GET", url)
     assert after.header("Cache-Status").startswith("cacheproxy; fwd=")
     assert origin.count("/dh") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_revalidation_asks_for_the_whole_body(
+    origin: Origin, proxy: RunningProxy
+):
+    """A Range request on a stale entry revalidates without Range, so the answer
+    can be stored whole."""
+    state = {"etag": b'"one"'}
+
+    def handler(request: server.Request) -> bytes:
+        request.setHeader(b"ETag", state["etag"])
+        request.setHeader(b"Cache-Control", b"max-age=0")
+        return BODY
+
+    url = origin.route("/whole", handler)
+    await fetch(proxy.port, "GET", url)
+    state["etag"] = b'"two"'
+    ranged = await fetch(proxy.port, "GET", url, {"Range": "bytes=0-3"})
+    seen = origin.requests[b"/whole"][1]
+    assert seen.header("Range") is None
+    assert seen.header("If-None-Match") == '"one"'
+    assert ranged.status == 200
+    assert ranged.body == BODY
+    ranged_again = await fetch(
+        proxy.port, "GET", url, {"Range": "bytes=0-3", "Cache-Control": "max-stale"}
+    )
+    assert (ranged_again.status, ranged_again.body) == (206, BODY[:4])
+    assert ranged_again.header("ETag") == '"two"'

@@ -247,7 +247,11 @@ STORABLE = [
         get(), ok((b"Expires", b"0"), status=302), True, id="9111-3-expires-present"
     ),
     pytest.param(get(), ok(*cc(b"public"), status=302), True, id="9111-3-public"),
-    pytest.param(get(), ok(*cc(b"no-cache"), status=302), True, id="9111-3-no-cache"),
+    # no-cache alone does not make a status storable (RFC 9111 section 3's list).
+    pytest.param(
+        get(), ok(*cc(b"no-cache"), status=302), False, id="9111-3-no-cache-302"
+    ),
+    pytest.param(get(), ok(*cc(b"no-cache")), True, id="9111-3-no-cache-200"),
     pytest.param(
         get(), ok(*cc(b"max-age=9"), status=299), True, id="9111-3-unknown-explicit"
     ),

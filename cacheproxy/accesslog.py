@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import IO, Any
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from cacheproxy.model import RequestHead, header_value
 
 log = Logger()
 
@@ -42,6 +45,39 @@ def squid_line(
     )
 
 
+_MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+
+
+def combined_line(
+    *, now: float, client: str, request: RequestHead, status: int, size: int
+) -> str:
+    """One line in the Apache/NCSA combined format, without the newline.
+
+    ``client - - [day/Mon/year:H:M:S +0000] "METHOD URL HTTP/v" status bytes
+    "referer" "user-agent"``, times in UTC.
+    """
+    t = time.gmtime(now)
+    stamp = (
+        f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:"
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+    )
+    line = b"%s %s HTTP/%s" % (request.method, request.target, request.version)
+    referer = header_value(request.headers, b"referer") or b"-"
+    agent = header_value(request.headers, b"user-agent") or b"-"
+    return (
+        f'{client} - - [{stamp}] "{_quoted(line)}" {status:03d} {size} '
+        f'"{_quoted(referer)}" "{_quoted(agent)}"'
+    )
+
+
+def _quoted(value: bytes) -> str:
+    """A field for inside double quotes: quotes, backslashes, controls escaped."""
+    text = value.decode("latin-1")
+    return "".join(
+        f"\\x{ord(c):02x}" if c in '"\\' or not " " <= c < "\x7f" else c for c in text
+    )
+
+
 def _token(value: bytes) -> str:
     """A log field from raw bytes; spaces and control characters are escaped."""
     text = value.decode("latin-1")
@@ -64,21 +100,37 @@ class AccessLog(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.path == "-":
-            self._file = sys.stdout
-        else:
-            directory = os.path.dirname(self.path)
-            if directory:
-                os.makedirs(directory, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._open()
         self._loop.start(self._interval, now=False)
+
+    def _open(self) -> None:
+        if self.path == "-":
+            # twistd points sys.stdout at its own log; the access log wants the
+            # process's real standard output, one plain line per request.
+            self._file = sys.__stdout__ or sys.stdout
+            return
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def reopen(self) -> None:
+        """Flush, close and open the file again (after logrotate moved it)."""
+        self.flush()
+        if self._file is not None and self.path != "-":
+            self._file.close()
+        try:
+            self._open()
+        except OSError:
+            log.failure("cannot reopen the access log {path}", path=self.path)
+            self._file = None
 
     def stopService(self) -> None:
         super().stopService()
         if self._loop.running:
             self._loop.stop()
         self.flush()
-        if self._file is not None and self._file is not sys.stdout:
+        if self._file is not None and self.path != "-":
             self._file.close()
         self._file = None
 

@@ -33,7 +33,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
 from cacheproxy import policy
-from cacheproxy.accesslog import AccessLog, squid_line
+from cacheproxy.accesslog import AccessLog, combined_line, squid_line
 from cacheproxy.model import (
     Config,
     Entry,
@@ -43,6 +43,7 @@ from cacheproxy.model import (
     header_list,
     header_value,
     is_allowed,
+    is_loopback,
     with_header,
     without_headers,
 )
@@ -67,6 +68,7 @@ _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
 # Framing fields: the proxy frames every message it sends itself.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _AGE = frozenset({b"age"})
+_CACHE_STATUS = frozenset({b"cache-status"})
 # A revalidation asks for the whole representation, whatever part the client wants.
 _RANGE = frozenset({b"range", b"if-range"})
 # The errors stale-if-error covers (RFC 5861 section 4).
@@ -106,6 +108,8 @@ class Proxy:
         self.pseudonym = pseudonym
         self.via = b"1.1 " + pseudonym.encode("ascii")
         self.revalidating: set[str] = set()
+        self.active = 0
+        self._drained: list[defer.Deferred[None]] = []
         self._threadpool = threadpool
 
     def handle(
@@ -151,6 +155,27 @@ class Proxy:
             channel.local,
         )
         defer.ensureDeferred(exchange.run_tunnel(channel, first))
+
+    def exchange_started(self) -> None:
+        """Count a request in flight."""
+        self.active += 1
+
+    def exchange_ended(self) -> None:
+        """Count a request done; wake L{drain} waiters when none is left."""
+        self.active -= 1
+        if self.active == 0:
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def drain(self, timeout: float) -> defer.Deferred[None]:
+        """Fire when no request is in flight, or after ``timeout`` seconds."""
+        if self.active == 0:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(waiter)
+        waiter.addTimeout(timeout, self.reactor, onTimeoutCancel=lambda *_: None)
+        return waiter
 
     def in_thread(self, function: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         """Run a blocking store call in the store's thread pool."""
@@ -201,6 +226,7 @@ class Exchange:
 
     async def run(self) -> None:
         """Answer the request, whatever happens, and log it."""
+        self.proxy.exchange_started()
         try:
             await self._route()
         except Exception:
@@ -214,6 +240,7 @@ class Exchange:
                 self.fail(500, "internal error in the proxy")
         finally:
             self.log_access()
+            self.proxy.exchange_ended()
 
     async def run_tunnel(self, channel: ProxyProtocol, first: bytes) -> None:
         """Splice the client with the CONNECT target; log once the tunnel closes."""
@@ -244,7 +271,7 @@ class Exchange:
         if self._is_own_address(host, port):
             self.fail(508, "forwarding loop: the CONNECT target is this proxy")
             return False
-        self.hierarchy = f"HIER_DIRECT/{host}"
+        self.hierarchy = self._hierarchy(host)
         tunnel = Tunnel(
             self.proxy.reactor,
             channel.transport_handle,
@@ -253,7 +280,14 @@ class Exchange:
         )
         channel.tunnel = tunnel
         try:
-            await tunnel.open(host, port, self.proxy.config.origin_timeout, first)
+            await tunnel.open(
+                host,
+                port,
+                self.proxy.config.origin_timeout,
+                first,
+                parent=self.proxy.config.upstream,
+                via=self.proxy.via,
+            )
         except Exception as reason:
             channel.tunnel = None
             timed_out = isinstance(reason, (error.TimeoutError, defer.TimeoutError))
@@ -312,6 +346,9 @@ class Exchange:
         if self._is_own_address(url.hostname or "", url.port or 80):
             self.fail(508, "forwarding loop: the URL points at this proxy")
             return
+        if self.request.method == b"PURGE":
+            await self._purge()
+            return
         if self.request.method in (b"TRACE", b"OPTIONS"):
             await self._forward_limited()
             return
@@ -346,6 +383,19 @@ class Exchange:
             await self._ask_for_variants(entries)
         else:
             await self._forward(self._origin_headers(), "miss")
+
+    async def _purge(self) -> None:
+        """Squid's PURGE: drop every stored variant of the URL, from loopback only."""
+        if not is_loopback(self.client):
+            self.fail(403, "PURGE is allowed from the proxy's own host only")
+            return
+        removed = await self.proxy.in_thread(self.proxy.store.invalidate, self.key)
+        self.code = "TCP_MISS"
+        status, message = (200, b"purged\n") if removed else (404, b"not in cache\n")
+        fields = ((b"Content-Type", b"text/plain"),) + self._via()
+        self.writer.start(status, b"", fields, len(message))
+        self.writer.write(message)
+        self.writer.finish()
 
     async def _forward_limited(self) -> None:
         """TRACE and OPTIONS obey Max-Forwards (RFC 9110 section 7.6.2)."""
@@ -628,7 +678,7 @@ class Exchange:
     async def _send(self, headers: Headers) -> IResponse:
         """The origin's response head; L{OriginUnreachable} if there is none."""
         host = self._host()
-        self.hierarchy = f"HIER_DIRECT/{host}"
+        self.hierarchy = self._hierarchy(host)
         try:
             return await self.proxy.origin.request(
                 self.request.method, self.request.target, headers, self.body
@@ -706,7 +756,12 @@ class Exchange:
         entry = Entry(
             key=self.key,
             url=self.request.target.decode("latin-1"),
-            response=dataclasses.replace(head, headers=policy.stored_headers(head)),
+            response=dataclasses.replace(
+                head,
+                # Caches upstream told how they handled the request that filled
+                # this entry; a later hit is another story (RFC 9211).
+                headers=without_headers(policy.stored_headers(head), _CACHE_STATUS),
+            ),
             request_time=times[0],
             response_time=times[1],
             vary=policy.vary_values(policy.vary_names(head) or (), self.request),
@@ -802,6 +857,13 @@ class Exchange:
         """``Via`` and ``Cache-Status`` (RFC 9211) for a response to the client."""
         return self._via() + ((b"Cache-Status", b"cacheproxy; " + cache_status),)
 
+    def _hierarchy(self, host: str) -> str:
+        """Squid's hierarchy field: where the request went."""
+        parent = self.proxy.config.upstream
+        if parent is not None:
+            return f"FIRSTUP_PARENT/{parent[0]}"
+        return f"HIER_DIRECT/{host}"
+
     def _host(self) -> str:
         """The origin's host (and port, when not the default) from the cache key."""
         return self.key.split("/")[2] if self.key.count("/") >= 2 else "-"
@@ -825,8 +887,16 @@ class Exchange:
         if self.background:
             return
         now = self.proxy.reactor.seconds()
-        self.proxy.access_log.write(
-            squid_line(
+        if self.proxy.config.log_format == "combined":
+            line = combined_line(
+                now=now,
+                client=self.client,
+                request=self.request,
+                status=self.writer.status,
+                size=self.writer.bytes_sent,
+            )
+        else:
+            line = squid_line(
                 now=now,
                 elapsed=now - self.started,
                 client=self.client,
@@ -838,7 +908,7 @@ class Exchange:
                 hierarchy=self.hierarchy,
                 content_type=self.content_type,
             )
-        )
+        self.proxy.access_log.write(line)
 
 
 class _OriginBody(Protocol):

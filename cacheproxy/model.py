@@ -165,6 +165,8 @@ class Config:
     @ivar allow: client networks that may use the proxy.
     @ivar connect_ports: ports a CONNECT tunnel may reach.
     @ivar tunnel_idle_timeout: seconds a tunnel may carry nothing before it is closed.
+    @ivar upstream: a parent proxy's host and port, or None to go direct.
+    @ivar log_format: ``"squid"`` or ``"combined"``.
     """
 
     port: str = "tcp:3128"
@@ -177,6 +179,13 @@ class Config:
     allow: tuple[Network, ...] = DEFAULT_ALLOW
     connect_ports: frozenset[int] = frozenset({443})
     tunnel_idle_timeout: float = 600.0
+    upstream: tuple[str, int] | None = None
+    log_format: str = "squid"
+
+
+def is_loopback(client: str) -> bool:
+    """Whether the client address is the proxy's own host (127/8, ::1)."""
+    return is_allowed(client, (DEFAULT_ALLOW[0], DEFAULT_ALLOW[1]))
 
 
 def is_allowed(client: str, networks: tuple[Network, ...]) -> bool:

@@ -57,6 +57,34 @@ def parse_ports(text: str) -> frozenset[int]:
     return frozenset(ports)
 
 
+def parse_upstream(text: str) -> tuple[str, int]:
+    """A parent proxy from ``http://host:port`` (or ``host:port``)."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(text if "://" in text else f"http://{text}")
+    try:
+        port = url.port
+    except ValueError:
+        port = -1
+    if (
+        url.scheme != "http"
+        or not url.hostname
+        or port == -1
+        or url.path not in ("", "/")
+    ):
+        raise usage.UsageError(
+            f"not a parent proxy URL: {text!r} (use http://host:port)"
+        )
+    return url.hostname, port or 80
+
+
+def parse_log_format(text: str) -> str:
+    """``squid`` or ``combined``."""
+    if text not in ("squid", "combined"):
+        raise usage.UsageError(f"unknown log format: {text!r} (squid or combined)")
+    return text
+
+
 def parse_seconds(text: str) -> float:
     """A positive number of seconds."""
     try:
@@ -118,6 +146,14 @@ class Options(usage.Options):
             "443",
             "comma-separated ports that CONNECT tunnels may reach (443,8443)",
         ],
+        [
+            "upstream",
+            None,
+            None,
+            "send all origin traffic, CONNECT included, through this parent proxy "
+            "(http://host:port)",
+        ],
+        ["log-format", None, "squid", "access log format: squid or combined"],
     ]
 
     def __init__(self) -> None:
@@ -145,4 +181,6 @@ class Options(usage.Options):
             origin_timeout=parse_seconds(self["origin-timeout"]),
             allow=tuple(self["allow"]) or DEFAULT_ALLOW,
             connect_ports=parse_ports(self["connect-ports"]),
+            upstream=parse_upstream(self["upstream"]) if self["upstream"] else None,
+            log_format=parse_log_format(self["log-format"]),
         )

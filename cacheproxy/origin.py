@@ -14,9 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.web import _newclient
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    ProxyAgent,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http_headers import Headers as TwistedHeaders
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -104,13 +110,27 @@ class Origin:
     @ivar timeout: seconds allowed for connecting and receiving the response head.
     """
 
-    def __init__(self, reactor: Any, timeout: float, per_host: int = 16) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        timeout: float,
+        per_host: int = 16,
+        upstream: tuple[str, int] | None = None,
+    ) -> None:
         self._reactor: IReactorTime = reactor
         self.timeout = timeout
         self._pool = _QuietPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = per_host
         self._pool.cachedConnectionTimeout = 60
-        self._agent = Agent(reactor, connectTimeout=timeout, pool=self._pool)
+        self._agent: Agent | ProxyAgent
+        if upstream is None:
+            self._agent = Agent(reactor, connectTimeout=timeout, pool=self._pool)
+        else:
+            # A parent proxy gets absolute-form requests over pooled connections.
+            parent = HostnameEndpoint(
+                reactor, upstream[0], upstream[1], timeout=timeout
+            )
+            self._agent = ProxyAgent(parent, reactor, pool=self._pool)
         _show_connection_field()
 
     def request(

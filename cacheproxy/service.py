@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import threading
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -28,6 +30,7 @@ __all__ = ["Options", "makeService", "ProxyService"]
 log = Logger()
 
 CULL_INTERVAL = 60.0
+DRAIN_SECONDS = 10.0
 
 
 def proxy_pseudonym(cache_dir: str) -> str:
@@ -94,7 +97,7 @@ class ProxyService(MultiService):
         super().__init__()
         os.makedirs(config.cache_dir, exist_ok=True)
         store = Store(config.cache_dir, config.cache_size)
-        origin = Origin(reactor, config.origin_timeout)
+        origin = Origin(reactor, config.origin_timeout, upstream=config.upstream)
         threadpool = ThreadPool(minthreads=1, maxthreads=4, name="cacheproxy-store")
         access_log = AccessLog(config.access_log, reactor)
         self.proxy = Proxy(
@@ -106,13 +109,17 @@ class ProxyService(MultiService):
             proxy_pseudonym(config.cache_dir),
             threadpool,
         )
-        _Resources(reactor, threadpool, origin, store).setServiceParent(self)
+        self._resources = _Resources(reactor, threadpool, origin, store)
+        self._resources.setServiceParent(self)
+        self._access_log = access_log
         access_log.setServiceParent(self)
         endpoint = serverFromString(reactor, config.port)
         listener = StreamServerEndpointService(endpoint, ProxyFactory(self.proxy))
         listener._raiseSynchronously = True
         listener.setServiceParent(self)
         self._listener = listener
+        self._reactor = reactor
+        self._previous_usr1: Any = None
 
     @property
     def listening(self) -> defer.Deferred[IListeningPort]:
@@ -124,6 +131,41 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.listening.addCallback(self._announce)
+        self._install_reopen_signal()
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        """Stop accepting, let requests in flight finish (10 s at most), then close.
+
+        The order matters, so the children are stopped one after another rather
+        than all at once as MultiService would.
+        """
+        Service.stopService(self)
+        self._restore_reopen_signal()
+        yield self._listener.stopService()
+        yield self.proxy.drain(DRAIN_SECONDS)
+        self._access_log.stopService()
+        yield self._resources.stopService()
+
+    def _install_reopen_signal(self) -> None:
+        """SIGUSR1 reopens the access log, after logrotate moved it."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def reopen(signum: int, frame: Any) -> None:
+            self._reactor.callFromThread(self._access_log.reopen)
+            # twistd rotates its own log on SIGUSR1 too: keep that working.
+            if callable(previous):
+                previous(signum, frame)
+
+        previous = signal.getsignal(signal.SIGUSR1)
+        self._previous_usr1 = previous
+        signal.signal(signal.SIGUSR1, reopen)
+
+    def _restore_reopen_signal(self) -> None:
+        if self._previous_usr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_usr1)
+            self._previous_usr1 = None
 
     def _announce(self, port: IListeningPort) -> IListeningPort:
         address = port.getHost()

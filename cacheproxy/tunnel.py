@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
@@ -39,16 +40,61 @@ def parse_authority(target: bytes) -> tuple[str, int]:
     return host, int(port)
 
 
-class _TargetSide(Protocol):
-    """The connection to the CONNECT target."""
+class ParentRefused(Exception):
+    """The parent proxy did not open the tunnel; carries its status line."""
 
-    def __init__(self, tunnel: Tunnel) -> None:
+
+class _TargetSide(Protocol):
+    """The connection to the CONNECT target, or to a parent proxy that opens it.
+
+    Through a parent, the side first sends its own CONNECT and waits for the
+    parent's answer (RFC 9110 section 9.3.6); bytes after that answer belong to
+    the tunnel.
+    """
+
+    MAX_HEAD = 64 * 1024
+
+    def __init__(self, tunnel: Tunnel, parent_request: bytes | None) -> None:
         self._tunnel = tunnel
+        self._parent_request = parent_request
+        self._head = b""
+        self.ready: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        if self._parent_request is None:
+            self.ready.callback(None)
+        else:
+            self.transport.write(self._parent_request)  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
-        self._tunnel.from_target(data)
+        if self.ready.called:
+            self._tunnel.from_target(data)
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > self.MAX_HEAD:
+                self._refused(b"parent proxy's answer too long")
+            return
+        status_line = self._head.split(b"\r\n", 1)[0]
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[1].startswith(b"2"):
+            self._refused(status_line)
+            return
+        rest = self._head[end + 4 :]
+        self._head = b""
+        self.ready.callback(None)
+        if rest:
+            self._tunnel.from_target(rest)
+
+    def _refused(self, status_line: bytes) -> None:
+        self.ready.errback(ParentRefused(status_line.decode("latin-1")))
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.ready.called:
+            self.ready.errback(reason)
+            return
         self._tunnel.target_lost()
 
 
@@ -79,19 +125,42 @@ class Tunnel:
         self.down = 0
         self.established = False
 
-    async def open(self, host: str, port: int, timeout: float, first: bytes) -> None:
-        """Connect to ``host:port``; raises the connection error if that fails."""
+    async def open(
+        self,
+        host: str,
+        port: int,
+        timeout: float,
+        first: bytes,
+        *,
+        parent: tuple[str, int] | None = None,
+        via: bytes = b"",
+    ) -> None:
+        """Connect to ``host:port``, directly or through a ``parent`` proxy.
+
+        Raises the connection error, or L{ParentRefused}, if that fails.
+        """
         if first:
             self._pending.append(first)
         self._client.pauseProducing()
+        request = None
+        if parent is not None:
+            authority = (f"[{host}]" if ":" in host else host).encode() + b":%d" % port
+            request = b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (authority, authority)
+            request += (b"Via: %s\r\n" % via if via else b"") + b"\r\n"
+            host, port = parent
         endpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
-        side = _TargetSide(self)
-        connecting = connectProtocol(endpoint, side)
-        connecting.addTimeout(timeout, self._reactor)
+        side = _TargetSide(self, request)
         try:
+            connecting = connectProtocol(endpoint, side)
+            connecting.addTimeout(timeout, self._reactor)
             await connecting
+            ready = side.ready
+            ready.addTimeout(timeout, self._reactor)
+            await ready
         except BaseException:
             self._client.resumeProducing()
+            if side.transport is not None:
+                side.transport.loseConnection()
             raise
         self._target = side.transport
 

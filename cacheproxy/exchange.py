@@ -32,7 +32,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from cacheproxy import policy
+from cacheproxy import __version__, pages, policy
 from cacheproxy.accesslog import AccessLog, combined_line, squid_line
 from cacheproxy.model import (
     Config,
@@ -48,7 +48,9 @@ from cacheproxy.model import (
     without_headers,
 )
 from cacheproxy.origin import Origin, OriginTimeout
+from cacheproxy.refresh import with_rules
 from cacheproxy.server import RequestBody, ResponseWriter, discarding_writer
+from cacheproxy.stats import Stats
 from cacheproxy.store import BodyWriter, Store
 from cacheproxy.tunnel import Tunnel, parse_authority
 
@@ -109,6 +111,10 @@ class Proxy:
         self.via = b"1.1 " + pseudonym.encode("ascii")
         self.revalidating: set[str] = set()
         self.active = 0
+        self.stats = Stats(reactor.seconds())
+        self.info = pages.ProxyInfo(pseudonym, __version__, _shown_options(config))
+        self._figures = (0, 0)
+        self._figures_at = -1e9
         self._drained: list[defer.Deferred[None]] = []
         self._threadpool = threadpool
 
@@ -156,6 +162,19 @@ class Proxy:
         )
         defer.ensureDeferred(exchange.run_tunnel(channel, first))
 
+    async def store_figures(self) -> tuple[int, int]:
+        """The store's bytes and entry count, counted at most every 30 seconds."""
+        now = self.reactor.seconds()
+        if now - self._figures_at > 30:
+            try:
+                volume = await self.in_thread(self.store.volume)
+                entries = await self.in_thread(self.store.count)
+            except Exception:
+                log.failure("cannot read the store's size")
+                return self._figures
+            self._figures, self._figures_at = (volume, entries), now
+        return self._figures
+
     def exchange_started(self) -> None:
         """Count a request in flight."""
         self.active += 1
@@ -182,6 +201,21 @@ class Proxy:
         return threads.deferToThreadPool(
             self.reactor, self._threadpool, function, *args
         )
+
+
+def _shown_options(config: Config) -> tuple[tuple[str, str], ...]:
+    """The options the status page lists."""
+    upstream = config.upstream
+    return (
+        ("port", config.port),
+        ("cache-dir", config.cache_dir),
+        ("cache-size", f"{config.cache_size >> 20} MiB"),
+        ("max-object-size", f"{config.max_object_size >> 20} MiB"),
+        ("upstream", f"http://{upstream[0]}:{upstream[1]}" if upstream else "none"),
+        ("allow", ", ".join(str(n) for n in config.allow)),
+        ("connect-ports", ",".join(str(p) for p in sorted(config.connect_ports))),
+        ("log-format", config.log_format),
+    )
 
 
 class OriginUnreachable(Exception):
@@ -289,6 +323,7 @@ class Exchange:
                 via=self.proxy.via,
             )
         except Exception as reason:
+            self.proxy.stats.origin_error()
             channel.tunnel = None
             timed_out = isinstance(reason, (error.TimeoutError, defer.TimeoutError))
             status = 504 if timed_out else 502
@@ -332,8 +367,14 @@ class Exchange:
             return
         target = self.request.target
         if not target.lower().startswith(b"http://"):
-            if target.startswith(b"/"):
-                self.fail(400, "this is a proxy: send requests in absolute form")
+            if target.startswith(b"/") and self.request.method in (b"GET", b"HEAD"):
+                await self._serve_page(target)
+            elif target.startswith(b"/"):
+                self.fail(
+                    405,
+                    "the proxy's own pages answer GET and HEAD only",
+                    ((b"Allow", b"GET, HEAD"),),
+                )
             else:
                 self.fail(400, "only http:// URLs can be proxied")
             return
@@ -383,6 +424,28 @@ class Exchange:
             await self._ask_for_variants(entries)
         else:
             await self._forward(self._origin_headers(), "miss")
+
+    async def _serve_page(self, path: bytes) -> None:
+        """The proxy's own pages: status, /metrics, /proxy.pac (pages.py)."""
+        proxy = self.proxy
+        volume, entries = await proxy.store_figures()
+        page = pages.render(
+            path,
+            stats=proxy.stats,
+            info=proxy.info,
+            now=proxy.reactor.seconds(),
+            host_header=header_value(self.request.headers, b"host"),
+            local=self.local,
+            store_bytes=volume,
+            store_entries=entries,
+            store_budget=proxy.config.cache_size,
+        )
+        self.code = "NONE_NONE"
+        self.content_type = page.content_type
+        fields = ((b"Content-Type", page.content_type),) + page.headers + self._via()
+        self.writer.start(page.status, b"", fields, len(page.body))
+        self.writer.write(page.body)
+        self.writer.finish()
 
     async def _purge(self) -> None:
         """Squid's PURGE: drop every stored variant of the URL, from loopback only."""
@@ -434,12 +497,15 @@ class Exchange:
         return ((b"Via", self.proxy.via),)
 
     async def _lookup(self) -> list[Entry]:
-        """The stored variants for this URL; a store error is logged and is a miss."""
+        """The stored variants for this URL, with the refresh rules' say on their
+        freshness; a store error is logged and is a miss."""
         try:
-            return await self.proxy.in_thread(self.proxy.store.lookup, self.key)
+            entries = await self.proxy.in_thread(self.proxy.store.lookup, self.key)
         except Exception:
             log.failure("store lookup failed for {key}", key=self.key)
             return []
+        rules = self.proxy.config.refresh_rules
+        return [with_rules(entry, rules) for entry in entries]
 
     # -- serving from the store ----------------------------------------------------
 
@@ -677,6 +743,13 @@ class Exchange:
 
     async def _send(self, headers: Headers) -> IResponse:
         """The origin's response head; L{OriginUnreachable} if there is none."""
+        try:
+            return await self._send_once(headers)
+        except OriginUnreachable:
+            self.proxy.stats.origin_error()
+            raise
+
+    async def _send_once(self, headers: Headers) -> IResponse:
         host = self._host()
         self.hierarchy = self._hierarchy(host)
         try:
@@ -868,7 +941,7 @@ class Exchange:
         """The origin's host (and port, when not the default) from the cache key."""
         return self.key.split("/")[2] if self.key.count("/") >= 2 else "-"
 
-    def fail(self, status: int, message: str) -> None:
+    def fail(self, status: int, message: str, headers: Headers = ()) -> None:
         """Answer with an error of the proxy's own."""
         self.code = "NONE_NONE" if status != 403 else "TCP_DENIED"
         log.info(
@@ -880,7 +953,7 @@ class Exchange:
             message=message,
         )
         self.content_type = b"text/plain"
-        self.writer.error(status, message, self._via())
+        self.writer.error(status, message, headers + self._via())
 
     def log_access(self) -> None:
         """Queue this exchange's access-log line."""
@@ -909,6 +982,17 @@ class Exchange:
                 content_type=self.content_type,
             )
         self.proxy.access_log.write(line)
+        self.proxy.stats.record(
+            now=now,
+            code=self.code,
+            status=self.writer.status,
+            method=self.request.method,
+            url=self.request.target,
+            host=self._host() if self.key else self.hierarchy.partition("/")[2],
+            client=self.client,
+            bytes_sent=self.writer.bytes_sent,
+            elapsed=now - self.started,
+        )
 
 
 class _OriginBody(Protocol):

@@ -10,6 +10,7 @@ Rules of this module:
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -138,6 +139,10 @@ class Entry:
         as ``(lower-cased name, normalised value or None)`` pairs; empty without Vary.
     @ivar body_length: the stored body's length in bytes.
     @ivar body_id: the store's name for the body; opaque to everyone but the store.
+    @ivar local_lifetime: freshness in seconds that the cache's own rules
+        (``--refresh-pattern``) give a response without explicit freshness, or None.
+        Worked out from the current rules at every lookup; never stored.
+    @ivar local_immutable: those rules call the response immutable (never stored).
     """
 
     key: str
@@ -148,6 +153,28 @@ class Entry:
     vary: tuple[tuple[bytes, bytes | None], ...] = ()
     body_length: int = 0
     body_id: str = ""
+    local_lifetime: float | None = None
+    local_immutable: bool = False
+
+
+@dataclass(frozen=True)
+class RefreshRule:
+    """One refresh pattern.
+
+    @ivar pattern: searched in the normalised absolute URL.
+    @ivar minimum: lower bound of the lifetime, in seconds.
+    @ivar percent: the lifetime as a percent of the Last-Modified age.
+    @ivar maximum: upper bound of the lifetime, in seconds.
+    @ivar immutable: the URL names content that never changes once published.
+    @ivar source: the rule as written, for C{--help} and the status page.
+    """
+
+    pattern: re.Pattern[str]
+    minimum: float
+    percent: float
+    maximum: float
+    immutable: bool = False
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -167,6 +194,8 @@ class Config:
     @ivar tunnel_idle_timeout: seconds a tunnel may carry nothing before it is closed.
     @ivar upstream: a parent proxy's host and port, or None to go direct.
     @ivar log_format: ``"squid"`` or ``"combined"``.
+    @ivar refresh_rules: heuristic freshness by URL, first match wins
+        (``--refresh-pattern`` rules, then the built-in ones).
     """
 
     port: str = "tcp:3128"
@@ -181,6 +210,7 @@ class Config:
     tunnel_idle_timeout: float = 600.0
     upstream: tuple[str, int] | None = None
     log_format: str = "squid"
+    refresh_rules: tuple[RefreshRule, ...] = ()
 
 
 def is_loopback(client: str) -> bool:

@@ -8,6 +8,7 @@ import re
 from twisted.python import usage
 
 from cacheproxy.model import DEFAULT_ALLOW, Config, Network
+from cacheproxy.refresh import builtin_rules, parse_refresh_pattern
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -100,11 +101,23 @@ class Options(usage.Options):
     """Options of ``twistd cacheproxy``; INTERFACE.md is their contract."""
 
     synopsis = "[options]"
+
     longdesc = (
         "A caching HTTP forward proxy. Point clients at it as their HTTP proxy "
         "(http_proxy=http://host:3128/); it answers from its disk store when "
         "RFC 9111 allows and fetches from the origin otherwise."
     )
+
+    def getUsage(self, width: int | None = None) -> str:
+        """The usual help, then the built-in refresh rules, one a line."""
+        rules = "\n".join(f"  {rule.source}" for rule in builtin_rules())
+        return (
+            super().getUsage(width)
+            + "\nBuilt-in refresh patterns (checked after any --refresh-pattern):\n"
+            + rules
+            + "\n"
+        )
+
     optParameters = [
         [
             "port",
@@ -159,6 +172,21 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["allow"] = []
+        self["refresh-pattern"] = []
+
+    def opt_refresh_pattern(self, rule: str) -> None:
+        try:
+            self["refresh-pattern"].append(parse_refresh_pattern(rule))
+        except ValueError as reason:
+            raise usage.UsageError(str(reason)) from None
+
+    opt_refresh_pattern.__doc__ = (
+        "'REGEX MIN PCT MAX [immutable]': heuristic freshness for responses without "
+        "explicit freshness whose URL matches REGEX (MIN and MAX in minutes, PCT of "
+        "the Last-Modified age; immutable: a client's no-cache or max-age=0 does not "
+        "force a refetch). Repeatable; first match wins; checked before the "
+        "built-in rules listed below"
+    )
 
     def opt_allow(self, network: str) -> None:
         self["allow"].append(parse_network(network))
@@ -183,4 +211,5 @@ class Options(usage.Options):
             connect_ports=parse_ports(self["connect-ports"]),
             upstream=parse_upstream(self["upstream"]) if self["upstream"] else None,
             log_format=parse_log_format(self["log-format"]),
+            refresh_rules=tuple(self["refresh-pattern"]) + builtin_rules(),
         )

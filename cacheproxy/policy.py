@@ -398,6 +398,9 @@ def entry_lifetime(entry: Entry, *, heuristic_cap: float = 86400.0) -> float:
     RFC 9111 section 4.2.1, with RFC 9110 section 6.6.1 (a missing Date is the time
     of receipt).
     """
+    if entry.local_lifetime is not None:
+        # The cache's own heuristic (RFC 9111 section 4.2.2), chosen by URL.
+        return entry.local_lifetime
     date = _first_date(entry.response.headers, b"date")
     return _lifetime(
         entry.response, entry.response_time if date is None else date, heuristic_cap
@@ -684,7 +687,12 @@ def _request_no_cache(request: RequestHead) -> bool:
 
 
 def _revalidation_reason(
-    request: RequestHead, cc: dict[str, str | None], age: float, *, stale: bool
+    request: RequestHead,
+    cc: dict[str, str | None],
+    age: float,
+    *,
+    stale: bool,
+    immutable: bool = False,
 ) -> str:
     """Why the request or stored response forces validation, or ``""``.
 
@@ -695,7 +703,7 @@ def _revalidation_reason(
     """
     if "no-cache" in cc and not cc["no-cache"]:
         return "no-cache"
-    if "immutable" in cc and not stale:
+    if ("immutable" in cc or immutable) and not stale:
         return ""
     if _request_no_cache(request):
         return "no-cache"
@@ -764,7 +772,9 @@ def _verdict(
     stale: bool,
 ) -> Verdict:
     """The decision for a selected entry (RFC 9111 sections 4.2, 4.2.4, 5.2.1)."""
-    reason = _revalidation_reason(request, cc, age, stale=stale)
+    reason = _revalidation_reason(
+        request, cc, age, stale=stale, immutable=entry.local_immutable
+    )
     if reason:
         return Verdict(Action.REVALIDATE, entry, stale, reason)
     if not stale:

@@ -325,6 +325,7 @@ class ProxyProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        self.proxy.stats.connection_opened()
         # A TCP (or UNIX) transport: ITransport lacks the producer methods used here.
         self._tcp = self.transport
         peer: IAddress = self._tcp.getPeer()
@@ -334,6 +335,7 @@ class ProxyProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
+        self.proxy.stats.connection_closed()
         if self.tunnel is not None:
             self.tunnel.client_lost()
         self._queue.clear()

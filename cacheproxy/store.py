@@ -169,6 +169,10 @@ class Store:
             if isinstance(name, str) and name.startswith(_META):
                 yield from self._read(name[len(_META) :])
 
+    def count(self) -> int:
+        """How many URLs are stored (walks the keys; it touches no entry)."""
+        return sum(1 for name in self._cache if str(name).startswith(_META))
+
     def volume(self) -> int:
         """Bytes the store occupies on disk, as diskcache estimates it."""
         return int(self._cache.volume())

@@ -10,6 +10,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from cacheproxy.model import Config
+from cacheproxy.refresh import builtin_rules
 from cacheproxy.service import ProxyService
 from tests.support import Origin, start_origin
 
@@ -32,6 +33,8 @@ async def start_proxy(tmp_path: Path, **overrides: object) -> RunningProxy:
         "port": "tcp:0:interface=127.0.0.1",
         "cache_dir": str(cache_dir),
         "access_log": str(access_log),
+        # As on the command line: the built-in refresh patterns are on by default.
+        "refresh_rules": builtin_rules(),
     }
     settings.update(overrides)
     service = ProxyService(Config(**settings), reactor)  # type: ignore[arg-type]

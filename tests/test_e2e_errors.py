@@ -19,12 +19,22 @@ from tests.support import (
 
 
 @pytest_twisted.ensureDeferred
-async def test_origin_form_request_is_400(proxy: RunningProxy):
-    """A request that is not in absolute form gets a plain-text 400."""
+async def test_origin_form_request_for_no_page_is_404(proxy: RunningProxy):
+    """An origin-form request that names none of the proxy's pages gets 404."""
     (response,) = await send_raw(proxy.port, b"GET /file HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert response.status == 400
+    assert response.status == 404
     assert response.header("Content-Type").startswith("text/plain")
     assert response.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_origin_form_post_is_405(proxy: RunningProxy):
+    """The proxy's own pages answer GET and HEAD only."""
+    (response,) = await send_raw(
+        proxy.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert response.status == 405
+    assert response.header("Allow") == "GET, HEAD"
 
 
 @pytest_twisted.ensureDeferred

@@ -1,0 +1,297 @@
+"""What the proxy has done since it started: counters for the operator's pages.
+
+Rules of this module:
+- It imports no Twisted; the clock comes in as ``now`` on every call that needs it.
+- Every finished request is recorded once, by its Squid result code, and falls in
+  exactly one class (L{source_of}): served from the cache, fetched from an origin,
+  carried through a CONNECT tunnel, or answered by the proxy itself (denials and
+  errors).  Hit ratios compare the first two classes only, so tunnels and refusals
+  neither raise nor dilute them.
+- Memory is bounded whatever the traffic: the recent list and the per-minute ring
+  have fixed sizes, the per-host table is pruned to its busiest hosts, and the
+  Prometheus labels take values from small fixed sets.
+- Each L{Stats} has its own Prometheus registry, never the global one, so several
+  proxies can run in one process.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+Source = Literal["cache", "origin", "tunnel", "proxy"]
+
+# Codes that mean "served from the cache" although their name has no _HIT: a 304
+# from the origin confirmed the stored body, or the stored body stood in for a
+# failed origin.
+_HIT_CODES = frozenset({"TCP_REFRESH_UNMODIFIED", "TCP_REFRESH_FAIL_OLD"})
+# Answers the proxy made up itself, with no stored or fetched body.
+_PROXY_CODES = frozenset({"TCP_DENIED"})
+# The method label's values; anything else is "OTHER" so a client cannot create
+# unbounded label sets with made-up methods.
+STANDARD_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+MINUTES = 60
+# Past this many distinct hosts the table keeps only the busiest half.
+MAX_HOSTS = 2000
+
+
+def is_hit(code: str) -> bool:
+    """Whether a response with this Squid code was served from the cache."""
+    return code.endswith("_HIT") or code in _HIT_CODES
+
+
+def source_of(code: str) -> Source:
+    """Where the bytes of a response with this Squid code came from."""
+    if is_hit(code):
+        return "cache"
+    if code == "TCP_TUNNEL":
+        return "tunnel"
+    if code in _PROXY_CODES or code.startswith("NONE"):
+        return "proxy"
+    return "origin"
+
+
+def method_label(method: bytes) -> str:
+    """The method as a bounded Prometheus label value."""
+    name = method.decode("latin-1")
+    return name if name in STANDARD_METHODS else "OTHER"
+
+
+@dataclass(frozen=True)
+class Recent:
+    """One finished request, as the status page lists it.
+
+    @ivar time: clock when it finished.
+    @ivar client: the client's address.
+    @ivar code: the Squid result code.
+    @ivar status: the status sent to the client.
+    @ivar method: the request method.
+    @ivar url: the request target as received.
+    @ivar bytes_sent: bytes sent to the client, head included.
+    """
+
+    time: float
+    client: str
+    code: str
+    status: int
+    method: bytes
+    url: bytes
+    bytes_sent: int
+
+
+@dataclass(frozen=True)
+class Minute:
+    """Hits and misses finished within one clock minute.
+
+    @ivar minute: ``int(now // 60)`` of that minute.
+    @ivar hits: requests served from the cache.
+    @ivar misses: requests fetched from an origin.
+    """
+
+    minute: int
+    hits: int = 0
+    misses: int = 0
+
+
+class _Metrics:
+    """The Prometheus side of L{Stats}, in a registry of its own."""
+
+    def __init__(self, started: float) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "cacheproxy_requests",
+            "Finished requests by Squid result code and method.",
+            ["result", "method"],
+            registry=r,
+        )
+        self.bytes_sent = Counter(
+            "cacheproxy_bytes_sent",
+            "Bytes sent to clients, by where the response came from.",
+            ["source"],
+            registry=r,
+        )
+        for source in ("cache", "origin"):
+            self.bytes_sent.labels(source)
+        self.tunnel_bytes = Counter(
+            "cacheproxy_tunnel_bytes", "Bytes carried by CONNECT tunnels.", registry=r
+        )
+        self.origin_errors = Counter(
+            "cacheproxy_origin_errors",
+            "Origins that could not be reached, timed out or broke off.",
+            registry=r,
+        )
+        self.duration = Histogram(
+            "cacheproxy_request_duration_seconds",
+            "Time from a request's arrival to its last byte.",
+            registry=r,
+        )
+        self.open_connections = Gauge(
+            "cacheproxy_open_connections", "Open client connections.", registry=r
+        )
+        self.store_bytes = Gauge(
+            "cacheproxy_store_bytes", "Bytes the store occupies on disk.", registry=r
+        )
+        self.store_entries = Gauge(
+            "cacheproxy_store_entries", "Responses in the store.", registry=r
+        )
+        self.store_budget = Gauge(
+            "cacheproxy_store_budget_bytes", "The store's disk budget.", registry=r
+        )
+        start = Gauge(
+            "cacheproxy_start_time_seconds", "When the proxy started.", registry=r
+        )
+        start.set(started)
+
+
+class Stats:
+    """Counts of everything the proxy has served since ``started``.
+
+    @ivar started: clock when the proxy started.
+    @ivar requests: finished requests of every kind.
+    @ivar hits: requests served from the cache (L{is_hit}).
+    @ivar misses: requests fetched from an origin.
+    @ivar bytes_from_cache: bytes sent in responses served from the cache.
+    @ivar bytes_fetched: bytes sent in responses fetched from an origin.
+    @ivar tunnel_bytes: bytes carried by CONNECT tunnels, both ways.
+    @ivar origin_errors: origins that failed (connect, timeout, broken response).
+    @ivar open_connections: client connections open now.
+    @ivar registry: the Prometheus registry holding this proxy's metrics.
+    """
+
+    def __init__(self, started: float, *, recent: int = 20) -> None:
+        self.started = started
+        self.requests = 0
+        self.hits = 0
+        self.misses = 0
+        self.bytes_from_cache = 0
+        self.bytes_fetched = 0
+        self.tunnel_bytes = 0
+        self.origin_errors = 0
+        self.open_connections = 0
+        self._hosts: collections.Counter[str] = collections.Counter()
+        self._recent: collections.deque[Recent] = collections.deque(maxlen=recent)
+        self._minutes = [Minute(-1) for _ in range(MINUTES)]
+        self._metrics = _Metrics(started)
+        self.registry = self._metrics.registry
+
+    # -- write side ------------------------------------------------------------
+
+    def record(
+        self,
+        *,
+        now: float,
+        code: str,
+        status: int,
+        method: bytes,
+        url: bytes,
+        host: str,
+        client: str,
+        bytes_sent: int,
+        elapsed: float,
+    ) -> None:
+        """Count one finished request."""
+        source = source_of(code)
+        self.requests += 1
+        self._count_bytes(source, bytes_sent)
+        if source in ("cache", "origin"):
+            self._count_minute(now, hit=source == "cache")
+        if host and host != "-":
+            self._count_host(host)
+        self._recent.append(
+            Recent(now, client, code, status, method, url[:2048], bytes_sent)
+        )
+        m = self._metrics
+        m.requests.labels(code, method_label(method)).inc()
+        m.duration.observe(max(0.0, elapsed))
+
+    def origin_error(self) -> None:
+        """Count an origin that could not be reached, timed out or broke off."""
+        self.origin_errors += 1
+        self._metrics.origin_errors.inc()
+
+    def connection_opened(self) -> None:
+        """Count a client connection that opened."""
+        self.open_connections += 1
+        self._metrics.open_connections.inc()
+
+    def connection_closed(self) -> None:
+        """Count a client connection that closed."""
+        self.open_connections -= 1
+        self._metrics.open_connections.dec()
+
+    def set_store(self, size: int, entries: int, budget: int) -> None:
+        """Set the store gauges (the store is asked just before rendering)."""
+        self._metrics.store_bytes.set(size)
+        self._metrics.store_entries.set(entries)
+        self._metrics.store_budget.set(budget)
+
+    def _count_bytes(self, source: Source, size: int) -> None:
+        if source == "cache":
+            self.hits += 1
+            self.bytes_from_cache += size
+        elif source == "origin":
+            self.misses += 1
+            self.bytes_fetched += size
+        elif source == "tunnel":
+            self.tunnel_bytes += size
+            self._metrics.tunnel_bytes.inc(size)
+            return
+        else:
+            return
+        self._metrics.bytes_sent.labels(source).inc(size)
+
+    def _count_minute(self, now: float, *, hit: bool) -> None:
+        minute = int(now // 60)
+        slot = minute % MINUTES
+        old = self._minutes[slot]
+        if old.minute != minute:
+            old = Minute(minute)
+        self._minutes[slot] = Minute(
+            minute, old.hits + int(hit), old.misses + int(not hit)
+        )
+
+    def _count_host(self, host: str) -> None:
+        self._hosts[host] += 1
+        if len(self._hosts) > MAX_HOSTS:
+            self._hosts = collections.Counter(
+                dict(self._hosts.most_common(MAX_HOSTS // 2))
+            )
+
+    # -- read side -------------------------------------------------------------
+
+    def hit_ratio(self) -> float | None:
+        """Hits over hits and misses, or None before the first of either."""
+        total = self.hits + self.misses
+        return self.hits / total if total else None
+
+    def byte_hit_ratio(self) -> float | None:
+        """Bytes from the cache over bytes from cache and origins, or None if none."""
+        total = self.bytes_from_cache + self.bytes_fetched
+        return self.bytes_from_cache / total if total else None
+
+    def top_hosts(self, n: int = 10) -> list[tuple[str, int]]:
+        """The ``n`` hosts with the most requests, busiest first."""
+        return self._hosts.most_common(n)
+
+    def recent(self) -> list[Recent]:
+        """The last finished requests, newest first."""
+        return list(reversed(self._recent))
+
+    def per_minute(self, now: float) -> list[Minute]:
+        """Hits and misses in each of the last 60 minutes, oldest first."""
+        current = int(now // 60)
+        minutes = []
+        for minute in range(current - MINUTES + 1, current + 1):
+            slot = self._minutes[minute % MINUTES]
+            minutes.append(slot if slot.minute == minute else Minute(minute))
+        return minutes
+
+    def uptime(self, now: float) -> float:
+        """Seconds since the proxy started."""
+        return max(0.0, now - self.started)

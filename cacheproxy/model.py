@@ -139,6 +139,8 @@ class Entry:
         as ``(lower-cased name, normalised value or None)`` pairs; empty without Vary.
     @ivar body_length: the stored body's length in bytes.
     @ivar body_id: the store's name for the body; opaque to everyone but the store.
+    @ivar recorded: stored only because of ``--record`` (or imported from a HAR
+        file): replayed by ``--offline``, served online only where RFC 9111 allows.
     @ivar local_lifetime: freshness in seconds that the cache's own rules
         (``--refresh-pattern``) give a response without explicit freshness, or None.
         Worked out from the current rules at every lookup; never stored.
@@ -153,6 +155,7 @@ class Entry:
     vary: tuple[tuple[bytes, bytes | None], ...] = ()
     body_length: int = 0
     body_id: str = ""
+    recorded: bool = False
     local_lifetime: float | None = None
     local_immutable: bool = False
 

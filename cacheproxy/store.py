@@ -352,6 +352,7 @@ def _entry_to_json(entry: Entry) -> dict[str, Any]:
         "response_time": entry.response_time,
         "body_length": entry.body_length,
         "body_id": entry.body_id,
+        "recorded": entry.recorded,
     }
 
 
@@ -374,4 +375,5 @@ def _entry_from_json(key: str, item: dict[str, Any]) -> Entry:
         vary=vary,
         body_length=int(item["body_length"]),
         body_id=str(item["body_id"]),
+        recorded=bool(item.get("recorded", False)),
     )

@@ -73,6 +73,8 @@ _AGE = frozenset({b"age"})
 _CACHE_STATUS = frozenset({b"cache-status"})
 # A revalidation asks for the whole representation, whatever part the client wants.
 _RANGE = frozenset({b"range", b"if-range"})
+# What --record keeps although RFC 9111 would not (complete answers a demo replays).
+_RECORDED_STATUSES = frozenset({200, 203, 204, 301, 308, 404, 410})
 # The errors stale-if-error covers (RFC 5861 section 4).
 _SERVER_ERRORS = frozenset({500, 502, 503, 504})
 # What a stored body is sent as: literal bytes, or (offset, length) of the file.
@@ -215,6 +217,8 @@ def _shown_options(config: Config) -> tuple[tuple[str, str], ...]:
         ("allow", ", ".join(str(n) for n in config.allow)),
         ("connect-ports", ",".join(str(p) for p in sorted(config.connect_ports))),
         ("log-format", config.log_format),
+        ("offline", "on" if config.offline else "off"),
+        ("record", "on" if config.record else "off"),
     )
 
 
@@ -254,6 +258,7 @@ class Exchange:
         self.started = proxy.reactor.seconds()
         self.key = ""
         self.background = False
+        self.recording = False
         self.code = "TCP_MISS"
         self.hierarchy = "HIER_NONE/-"
         self.content_type: bytes | None = None
@@ -293,6 +298,9 @@ class Exchange:
     async def _open_tunnel(self, channel: ProxyProtocol, first: bytes) -> bool:
         """Check and open the tunnel; False after answering an error."""
         if not self._admitted():
+            return False
+        if self.proxy.config.offline:
+            self.fail(502, "the proxy is offline: it opens no tunnels")
             return False
         try:
             host, port = parse_authority(self.request.target)
@@ -390,6 +398,9 @@ class Exchange:
         if self.request.method == b"PURGE":
             await self._purge()
             return
+        if self.proxy.config.offline:
+            await self._replay()
+            return
         if self.request.method in (b"TRACE", b"OPTIONS"):
             await self._forward_limited()
             return
@@ -424,6 +435,25 @@ class Exchange:
             await self._ask_for_variants(entries)
         else:
             await self._forward(self._origin_headers(), "miss")
+
+    async def _replay(self) -> None:
+        """``--offline``: answer from the store, fresh or stale, never the origin.
+
+        The variant the cache key and Vary select, or else the newest stored
+        variant of the URL, so that a demo survives a slightly different header.
+        """
+        entry = None
+        if self.request.method in (b"GET", b"HEAD"):
+            entries = await self._lookup()
+            entry = policy.select_variant(entries, self.request) or max(
+                entries, key=lambda e: e.response_time, default=None
+            )
+        if entry is not None:
+            status = b"hit; detail=offline"
+            if await self._serve_stored(entry, "TCP_OFFLINE_HIT", status):
+                return
+        url = self.request.target.decode("latin-1")
+        self.fail(504, f"the proxy is offline and has no stored response for {url}")
 
     async def _serve_page(self, path: bytes) -> None:
         """The proxy's own pages: status, /metrics, /proxy.pac (pages.py)."""
@@ -505,6 +535,14 @@ class Exchange:
             log.failure("store lookup failed for {key}", key=self.key)
             return []
         rules = self.proxy.config.refresh_rules
+        if not self.proxy.config.offline:
+            # Recorded responses replay offline; online, only what RFC 9111 allows.
+            entries = [
+                entry
+                for entry in entries
+                if not entry.recorded
+                or policy.is_storable(self.request, entry.response)
+            ]
         return [with_rules(entry, rules) for entry in entries]
 
     # -- serving from the store ----------------------------------------------------
@@ -838,6 +876,7 @@ class Exchange:
             request_time=times[0],
             response_time=times[1],
             vary=policy.vary_values(policy.vary_names(head) or (), self.request),
+            recorded=self.recording,
         )
         try:
             await self.proxy.in_thread(sink.commit, entry)
@@ -848,9 +887,17 @@ class Exchange:
     def _store_writer(
         self, head: ResponseHead, length: int | None
     ) -> BodyWriter | None:
-        """A writer for the body if this response may be stored, else None."""
-        if self.request.method != b"GET" or not policy.is_storable(self.request, head):
+        """A writer for the body if this response may be stored, else None.
+
+        With ``--record``, responses RFC 9111 would not store are kept too, marked
+        as recorded, so that ``--offline`` can replay them.
+        """
+        if self.request.method != b"GET":
             return None
+        if not policy.is_storable(self.request, head):
+            if not (self.proxy.config.record and head.status in _RECORDED_STATUSES):
+                return None
+            self.recording = True
         if length is not None and length > self.proxy.config.max_object_size:
             return None
         try:

@@ -197,6 +197,8 @@ class Config:
     @ivar tunnel_idle_timeout: seconds a tunnel may carry nothing before it is closed.
     @ivar upstream: a parent proxy's host and port, or None to go direct.
     @ivar log_format: ``"squid"`` or ``"combined"``.
+    @ivar offline: never contact an origin; replay what is stored.
+    @ivar record: also store complete responses RFC 9111 would not, for replay.
     @ivar refresh_rules: heuristic freshness by URL, first match wins
         (``--refresh-pattern`` rules, then the built-in ones).
     """
@@ -214,6 +216,8 @@ class Config:
     upstream: tuple[str, int] | None = None
     log_format: str = "squid"
     refresh_rules: tuple[RefreshRule, ...] = ()
+    offline: bool = False
+    record: bool = False
 
 
 def is_loopback(client: str) -> bool:

@@ -118,6 +118,21 @@ class Options(usage.Options):
             + "\n"
         )
 
+    optFlags = [
+        [
+            "offline",
+            None,
+            "never contact an origin: serve what is stored, fresh or not; a miss "
+            "is 504",
+        ],
+        [
+            "record",
+            None,
+            "store every complete 200 response to GET, even ones the origin marks "
+            "uncacheable, so that --offline can replay them",
+        ],
+    ]
+
     optParameters = [
         [
             "port",
@@ -200,6 +215,8 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Validate every value into a Config, or raise a UsageError naming it."""
+        if self["offline"] and self["record"]:
+            raise usage.UsageError("--record and --offline exclude each other")
         self["config"] = Config(
             port=parse_port(self["port"]),
             cache_dir=self["cache-dir"],
@@ -212,4 +229,6 @@ class Options(usage.Options):
             upstream=parse_upstream(self["upstream"]) if self["upstream"] else None,
             log_format=parse_log_format(self["log-format"]),
             refresh_rules=tuple(self["refresh-pattern"]) + builtin_rules(),
+            offline=bool(self["offline"]),
+            record=bool(self["record"]),
         )

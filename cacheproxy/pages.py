@@ -225,7 +225,16 @@ def _modes(info: ProxyInfo) -> str:
         for name, value in info.options
         if name in _MODES and value.lower() not in ("off", "no", "false", "")
     ]
-    return "".join(f'<p class="mode">{_e(name)} mode is on</p>' for name in on)
+    return "".join(
+        f'<p class="mode">{_e(name)} mode is on{_e(_MODE_NOTES.get(name, ""))}</p>'
+        for name in on
+    )
+
+
+_MODE_NOTES = {
+    "record": ": responses marked private or no-store are stored too",
+    "offline": ": no origin is contacted",
+}
 
 
 def _figures(view: _View) -> str:

@@ -199,6 +199,10 @@ class Config:
     @ivar log_format: ``"squid"`` or ``"combined"``.
     @ivar offline: never contact an origin; replay what is stored.
     @ivar record: also store complete responses RFC 9111 would not, for replay.
+    @ivar header_timeout: seconds a client may take to send a request head, or
+        may leave a request body without progress.
+    @ivar idle_timeout: seconds a keep-alive connection may wait for a request.
+    @ivar max_connections: open client connections; past it new ones get 503.
     @ivar refresh_rules: heuristic freshness by URL, first match wins
         (``--refresh-pattern`` rules, then the built-in ones).
     """
@@ -218,6 +222,9 @@ class Config:
     refresh_rules: tuple[RefreshRule, ...] = ()
     offline: bool = False
     record: bool = False
+    header_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    max_connections: int = 2000
 
 
 def is_loopback(client: str) -> bool:

@@ -86,6 +86,13 @@ def parse_log_format(text: str) -> str:
     return text
 
 
+def parse_count(text: str) -> int:
+    """A positive whole number."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise usage.UsageError(f"not a positive whole number: {text!r}")
+    return int(text)
+
+
 def parse_seconds(text: str) -> float:
     """A positive number of seconds."""
     try:
@@ -182,6 +189,25 @@ class Options(usage.Options):
             "(http://host:port)",
         ],
         ["log-format", None, "squid", "access log format: squid or combined"],
+        [
+            "max-connections",
+            None,
+            "2000",
+            "open client connections; past it new ones get 503",
+        ],
+        [
+            "header-timeout",
+            None,
+            "30",
+            "seconds a client may take to send a request head, or leave a request "
+            "body without progress, before it is cut off",
+        ],
+        [
+            "idle-timeout",
+            None,
+            "60",
+            "seconds an idle keep-alive client connection stays open",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -231,4 +257,7 @@ class Options(usage.Options):
             refresh_rules=tuple(self["refresh-pattern"]) + builtin_rules(),
             offline=bool(self["offline"]),
             record=bool(self["record"]),
+            header_timeout=parse_seconds(self["header-timeout"]),
+            idle_timeout=parse_seconds(self["idle-timeout"]),
+            max_connections=parse_count(self["max-connections"]),
         )

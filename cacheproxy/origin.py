@@ -91,7 +91,12 @@ class BodyProducer:
             if not done.called:
                 done.callback(None)
 
-        self._body.attach(consumer.write, end)
+        def abandon() -> None:
+            # Agent then abandons the request instead of waiting for the rest.
+            if not done.called:
+                done.errback(ConnectionError("the client left before its body ended"))
+
+        self._body.attach(consumer.write, end, abandon)
         return done
 
     def pauseProducing(self) -> None:

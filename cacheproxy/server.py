@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httptools
-from twisted.internet.interfaces import IAddress, IPushProducer
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -84,6 +84,8 @@ class RequestBody:
         self._buffer: list[bytes] = []
         self._sink: Callable[[bytes], None] | None = None
         self._on_end: Callable[[], None] | None = None
+        self._on_abandon: Callable[[], None] | None = None
+        self.abandoned = False
         self._pause: Callable[[], None] | None = None
         self._resume: Callable[[], None] | None = None
 
@@ -100,15 +102,30 @@ class RequestBody:
         if self._on_end is not None:
             self._on_end()
 
-    def attach(self, sink: Callable[[bytes], None], on_end: Callable[[], None]) -> None:
-        """Send buffered and future chunks to ``sink``; call ``on_end`` at the end."""
+    def attach(
+        self,
+        sink: Callable[[bytes], None],
+        on_end: Callable[[], None],
+        on_abandon: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Send buffered and future chunks to ``sink``; call ``on_end`` at the end,
+        or ``on_abandon`` if the client goes away first."""
         buffered, self._buffer = self._buffer, []
         self._sink = sink
         self._on_end = on_end
+        self._on_abandon = on_abandon
         for chunk in buffered:
             sink(chunk)
         if self.complete:
             on_end()
+        elif self.abandoned:
+            on_abandon()
+
+    def abandon(self) -> None:
+        """The client left (or was cut off) before the body was complete."""
+        self.abandoned = True
+        if self._on_abandon is not None and not self.complete:
+            self._on_abandon()
 
     def detach(self) -> None:
         """Drop the rest of the body (the origin gave up on it)."""
@@ -320,12 +337,16 @@ class ProxyProtocol(Protocol):
         self.tunnel: Tunnel | None = None
         self.client = "-"
         self.local: tuple[str, int] = ("", 0)
+        self.factory: ProxyFactory | None = None
+        self._timer: IDelayedCall | None = None
+        self._body_seen = 0.0
 
     # -- connection ---------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.connected = True
         self.proxy.stats.connection_opened()
+        self._arm(self.proxy.config.idle_timeout, self._idle_expired)
         # A TCP (or UNIX) transport: ITransport lacks the producer methods used here.
         self._tcp = self.transport
         peer: IAddress = self._tcp.getPeer()
@@ -336,11 +357,16 @@ class ProxyProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
         self.proxy.stats.connection_closed()
+        self._disarm()
+        if self.factory is not None:
+            self.factory.open -= 1
         if self.tunnel is not None:
             self.tunnel.client_lost()
+        for pending in self._queue:
+            pending.body.abandon()
         self._queue.clear()
         if self._parsing is not None:
-            self._parsing.body.detach()
+            self._parsing.body.abandon()
 
     def dataReceived(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -370,6 +396,7 @@ class ProxyProtocol(Protocol):
         self._target.clear()
         self._headers = []
         self._header_bytes = 0
+        self._arm(self.proxy.config.header_timeout, self._head_expired)
 
     def on_url(self, url: bytes) -> None:
         self._target += url
@@ -398,6 +425,11 @@ class ProxyProtocol(Protocol):
         body = _request_body(headers)
         pending = _Pending(head, body, self._parser.should_keep_alive())
         self._parsing = pending if body.present else None
+        if body.present:
+            self._body_seen = self.proxy.reactor.seconds()
+            self._arm(self.proxy.config.header_timeout, self._body_expired)
+        else:
+            self._disarm()
         self._queue.append(pending)
         if self._active is None:
             self._start_next()
@@ -406,12 +438,55 @@ class ProxyProtocol(Protocol):
 
     def on_body(self, data: bytes) -> None:
         if self._parsing is not None:
+            self._body_seen = self.proxy.reactor.seconds()
             self._parsing.body.feed(data)
 
     def on_message_complete(self) -> None:
         if self._parsing is not None:
             self._parsing.body.end()
             self._parsing = None
+            self._disarm()
+
+    # -- timeouts ------------------------------------------------------------------
+
+    def _arm(self, seconds: float, expired: Callable[[], None]) -> None:
+        """Call ``expired`` in ``seconds`` unless re-armed or disarmed first."""
+        self._disarm()
+        self._timer = self.proxy.reactor.callLater(seconds, expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _idle_expired(self) -> None:
+        """A keep-alive connection carried no request for the idle timeout."""
+        self._timer = None
+        if self._active is None and not self._queue:
+            self._close(abort=False)
+
+    def _head_expired(self) -> None:
+        """A request head did not arrive whole in time (slowloris)."""
+        self._timer = None
+        self._timed_out("request header timeout")
+
+    def _body_expired(self) -> None:
+        """A request body stopped arriving."""
+        self._timer = None
+        timeout = self.proxy.config.header_timeout
+        quiet = self.proxy.reactor.seconds() - self._body_seen
+        if quiet < timeout:
+            self._arm(timeout - quiet, self._body_expired)
+            return
+        self._timed_out("request body timeout")
+
+    def _timed_out(self, what: str) -> None:
+        log.info("{client}: {what}, closing", client=self.client, what=what)
+        if self._active is None:
+            self._reject(408, what)
+        else:
+            self._queue.clear()
+            self._close(abort=True)
 
     # -- responses -----------------------------------------------------------------
 
@@ -444,6 +519,8 @@ class ProxyProtocol(Protocol):
             self._start_next()
         else:
             self._resume("pipeline")
+            if self._parsing is None and self._timer is None:
+                self._arm(self.proxy.config.idle_timeout, self._idle_expired)
 
     @property
     def transport_handle(self) -> Any:
@@ -468,6 +545,7 @@ class ProxyProtocol(Protocol):
     def _upgrade(self, data: bytes, offset: int) -> None:
         """llhttp stopped at a CONNECT or an ``Upgrade`` request."""
         if self._connect is not None:
+            self._disarm()
             if self._active is not None or self._queue:
                 # Pipelined behind another request: it cannot be answered in order.
                 self._close(abort=False)
@@ -542,15 +620,39 @@ def _expects_continue(head: RequestHead) -> bool:
     )
 
 
+class _TooMany(Protocol):
+    """Answers 503 to a connection past ``--max-connections`` and closes it."""
+
+    def connectionMade(self) -> None:
+        body = b"too many connections to the proxy; try again later\n"
+        self.transport.write(  # type: ignore[union-attr]
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: %d\r\nRetry-After: 5\r\nConnection: close\r\n\r\n%s"
+            % (len(body), body)
+        )
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
 class ProxyFactory(Factory):
-    """Makes a L{ProxyProtocol} for every client connection."""
+    """Makes a L{ProxyProtocol} for every client connection, up to a limit.
+
+    @ivar open: client connections open now.
+    """
 
     noisy = False
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
+        self.open = 0
 
-    def buildProtocol(self, addr: IAddress | None) -> ProxyProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        if self.open >= self.proxy.config.max_connections:
+            log.warn(
+                "{open} client connections open: refusing another with 503",
+                open=self.open,
+            )
+            return _TooMany()
+        self.open += 1
         protocol = ProxyProtocol(self.proxy)
         protocol.factory = self
         return protocol

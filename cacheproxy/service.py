@@ -49,6 +49,13 @@ def proxy_pseudonym(cache_dir: str) -> str:
     return f"cacheproxy-{ident}"
 
 
+def _with_backlog(description: str) -> str:
+    """A TCP endpoint with a listen backlog for a LAN's bursts (Twisted's is 50)."""
+    if description.startswith(("tcp:", "tcp6:")) and "backlog=" not in description:
+        return description + ":backlog=1024"
+    return description
+
+
 class _Resources(Service):
     """Starts the store's threads; at stop closes the threads, origins and store."""
 
@@ -113,7 +120,7 @@ class ProxyService(MultiService):
         self._resources.setServiceParent(self)
         self._access_log = access_log
         access_log.setServiceParent(self)
-        endpoint = serverFromString(reactor, config.port)
+        endpoint = serverFromString(reactor, _with_backlog(config.port))
         listener = StreamServerEndpointService(endpoint, ProxyFactory(self.proxy))
         listener._raiseSynchronously = True
         listener.setServiceParent(self)

@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from cacheproxy import __version__, pages, policy
 from cacheproxy.accesslog import AccessLog, combined_line, squid_line
+from cacheproxy.memory import MemoryTier
 from cacheproxy.model import (
     Config,
     Entry,
@@ -112,6 +113,7 @@ class Proxy:
         self.pseudonym = pseudonym
         self.via = b"1.1 " + pseudonym.encode("ascii")
         self.revalidating: set[str] = set()
+        self.memory = MemoryTier(config.memory_cache)
         self.active = 0
         self.stats = Stats(reactor.seconds())
         self.info = pages.ProxyInfo(pseudonym, __version__, _shown_options(config))
@@ -483,6 +485,7 @@ class Exchange:
             self.fail(403, "PURGE is allowed from the proxy's own host only")
             return
         removed = await self.proxy.in_thread(self.proxy.store.invalidate, self.key)
+        self.proxy.memory.forget(self.key)
         self.code = "TCP_MISS"
         status, message = (200, b"purged\n") if removed else (404, b"not in cache\n")
         fields = ((b"Content-Type", b"text/plain"),) + self._via()
@@ -528,14 +531,23 @@ class Exchange:
 
     async def _lookup(self) -> list[Entry]:
         """The stored variants for this URL, with the refresh rules' say on their
-        freshness; a store error is logged and is a miss."""
-        try:
-            entries = await self.proxy.in_thread(self.proxy.store.lookup, self.key)
-        except Exception:
-            log.failure("store lookup failed for {key}", key=self.key)
-            return []
-        rules = self.proxy.config.refresh_rules
-        if not self.proxy.config.offline:
+        freshness; a store error is logged and is a miss.
+
+        A snapshot in the memory tier saves the trip to the store's thread.
+        """
+        memory = self.proxy.memory
+        now = self.proxy.reactor.seconds()
+        entries: Sequence[Entry] | None = memory.snapshot(self.key, now)
+        if entries is None:
+            try:
+                stored = await self.proxy.in_thread(self.proxy.store.lookup, self.key)
+            except Exception:
+                log.failure("store lookup failed for {key}", key=self.key)
+                return []
+            rules = self.proxy.config.refresh_rules
+            entries = [with_rules(entry, rules) for entry in stored]
+            memory.remember(self.key, entries, now)
+        if not self.proxy.config.offline and any(e.recorded for e in entries):
             # Recorded responses replay offline; online, only what RFC 9111 allows.
             entries = [
                 entry
@@ -543,7 +555,7 @@ class Exchange:
                 if not entry.recorded
                 or policy.is_storable(self.request, entry.response)
             ]
-        return [with_rules(entry, rules) for entry in entries]
+        return list(entries)
 
     # -- serving from the store ----------------------------------------------------
 
@@ -563,20 +575,47 @@ class Exchange:
         if self._answer_conditional(entry, extra):
             self.code = code
             return True
-        try:
-            body = await self.proxy.in_thread(self.proxy.store.open_body, entry)
-        except Exception:
-            log.failure("store read failed for {key}", key=self.key)
-            body = None
-        if body is None:
-            return False
+        memory = self.proxy.memory
+        body: bytes | BinaryIO | None = memory.body(entry.body_id)
+        if body is not None:
+            if code == "TCP_HIT":
+                code = "TCP_MEM_HIT"
+        else:
+            body = await self._read_body(entry)
+            if body is None:
+                return False
         self.code = code
         self.content_type = header_value(response.headers, b"content-type")
+        if isinstance(body, bytes) and not validated and self._wants_whole(entry):
+            # The hot path: a pre-encoded head and the body, in one write.
+            block = memory.header_block(entry)
+            self.writer.start(
+                response.status,
+                response.reason,
+                extra,
+                len(body),
+                block=block,
+                hold=True,
+            )
+            self.writer.write(body)
+            self.writer.finish()
+            return True
         headers = without_headers(
             policy.served_headers(response, validated=validated), _AGE
         )
         plan = _plan_body(self.request, response, headers, entry.body_length)
-        self.writer.start(plan.status, plan.reason, plan.headers + extra, plan.length)
+        self.writer.start(
+            plan.status, plan.reason, plan.headers + extra, plan.length, hold=True
+        )
+        if isinstance(body, bytes):
+            if self.request.method != b"HEAD":
+                for piece in plan.pieces:
+                    if isinstance(piece, bytes):
+                        self.writer.write(piece)
+                    else:
+                        self.writer.write(body[piece[0] : piece[0] + piece[1]])
+            self.writer.finish()
+            return True
         try:
             if self.request.method != b"HEAD" and plan.pieces:
                 await _PieceSender(body, plan.pieces).send(self.writer)
@@ -588,6 +627,39 @@ class Exchange:
             body.close()
         self.writer.finish()
         return True
+
+    def _wants_whole(self, entry: Entry) -> bool:
+        """Whether the stored 200 goes out whole, headers as stored (no Range, no
+        fields held back by a qualified no-cache)."""
+        return (
+            entry.response.status == 200
+            and header_value(self.request.headers, b"range") is None
+            and not policy.fields_needing_validation(entry.response)
+        )
+
+    async def _read_body(self, entry: Entry) -> bytes | BinaryIO | None:
+        """The stored body: whole bytes when small (and then kept in the memory
+        tier), an open file otherwise, None when it has gone."""
+        limit = self.proxy.memory.max_item if self.proxy.memory.enabled else -1
+
+        def read() -> bytes | BinaryIO | None:
+            body = self.proxy.store.open_body(entry)
+            if body is None or entry.body_length > limit:
+                return body
+            with body:
+                return body.read()
+
+        try:
+            loaded = await self.proxy.in_thread(read)
+        except Exception:
+            log.failure("store read failed for {key}", key=self.key)
+            return None
+        if isinstance(loaded, bytes):
+            if len(loaded) != entry.body_length:
+                log.warn("stored body of {key} has the wrong length", key=self.key)
+                return None
+            self.proxy.memory.keep_body(entry.body_id, loaded)
+        return loaded
 
     def _answer_conditional(self, entry: Entry, extra: Headers) -> bool:
         """Answer 304 or 412 from a stored response if the request's preconditions
@@ -693,6 +765,7 @@ class Exchange:
             for entry in updated:
                 try:
                     await self.proxy.in_thread(self.proxy.store.update, entry)
+                    self.proxy.memory.forget(self.key)
                 except Exception:
                     log.failure("store update failed for {key}", key=self.key)
         status = b"fwd=%s; fwd-status=304" % fwd.encode()
@@ -836,14 +909,21 @@ class Exchange:
         self.writer.start(
             head.status, head.reason, head.headers + self._proxy_headers(status), length
         )
+        memory = self.proxy.memory
         receiver = _OriginBody(
-            self.writer, sink, length, self.proxy.config.max_object_size
+            self.writer,
+            sink,
+            length,
+            self.proxy.config.max_object_size,
+            memory.max_item if memory.enabled else -1,
         )
         response.deliverBody(receiver)
         complete = await receiver.done
         if sink is not None:
             whole = complete and (length is None or sink.size == length)
-            await self._commit(sink, whole and not receiver.oversize, head, times)
+            await self._commit(
+                sink, whole and not receiver.oversize, head, times, receiver.small()
+            )
         if complete:
             # The last bytes go out only now, so a client that asks again as soon
             # as it has the whole body finds it stored.
@@ -859,8 +939,12 @@ class Exchange:
         whole: bool,
         head: ResponseHead,
         times: tuple[float, float],
+        small: bytes | None = None,
     ) -> None:
-        """Make a completely received body visible in the store, or discard it."""
+        """Make a completely received body visible in the store, or discard it.
+
+        ``small``: the whole body when it is small enough for the memory tier.
+        """
         if not whole:
             sink.abort()
             return
@@ -879,10 +963,14 @@ class Exchange:
             recorded=self.recording,
         )
         try:
-            await self.proxy.in_thread(sink.commit, entry)
+            stored = await self.proxy.in_thread(sink.commit, entry)
         except Exception:
             log.failure("storing {url} failed", url=entry.url)
             sink.abort()
+            return
+        self.proxy.memory.forget(self.key)
+        if small is not None:
+            self.proxy.memory.keep_body(stored.body_id, small)
 
     def _store_writer(
         self, head: ResponseHead, length: int | None
@@ -928,10 +1016,12 @@ class Exchange:
                     response_time=times[1],
                 )
                 await self.proxy.in_thread(self.proxy.store.update, updated)
+                self.proxy.memory.forget(self.key)
             else:
                 await self.proxy.in_thread(self.proxy.store.invalidate, self.key)
         except Exception:
             log.failure("freshening {key} with HEAD failed", key=self.key)
+        self.proxy.memory.forget(self.key)
 
     async def _invalidate(self, head: ResponseHead) -> None:
         """Drop stored responses an unsafe request changed (RFC 9111 section 4.4)."""
@@ -940,6 +1030,7 @@ class Exchange:
                 await self.proxy.in_thread(self.proxy.store.invalidate, key)
             except Exception:
                 log.failure("invalidating {key} failed", key=key)
+            self.proxy.memory.forget(key)
 
     # -- helpers -------------------------------------------------------------------
 
@@ -1061,11 +1152,15 @@ class _OriginBody(Protocol):
         sink: BodyWriter | None,
         length: int | None,
         limit: int,
+        keep: int = -1,
     ):
         self._client = client
         self._sink = sink
         self._length = length
         self._limit = limit
+        # Bodies up to ``keep`` bytes are also kept whole, for the memory tier.
+        self._keep = keep if sink is not None else -1
+        self._kept: list[bytes] | None = [] if self._keep >= 0 else None
         self.received = 0
         self.oversize = False
         self._held = b""
@@ -1080,8 +1175,17 @@ class _OriginBody(Protocol):
         # Backpressure: a client that reads slowly pauses reading from the origin.
         self._client.registerProducer(self.transport, True)
 
+    def small(self) -> bytes | None:
+        """The whole body if it was small enough to keep, else None."""
+        return b"".join(self._kept) if self._kept is not None else None
+
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
+        if self._kept is not None:
+            if self.received <= self._keep:
+                self._kept.append(data)
+            else:
+                self._kept = None
         sink = self._sink
         if sink is None or self._length is None or self.received < self._length:
             self._client.write(data)

@@ -203,6 +203,7 @@ class Config:
         may leave a request body without progress.
     @ivar idle_timeout: seconds a keep-alive connection may wait for a request.
     @ivar max_connections: open client connections; past it new ones get 503.
+    @ivar memory_cache: bytes of RAM for hot small responses (0 turns it off).
     @ivar refresh_rules: heuristic freshness by URL, first match wins
         (``--refresh-pattern`` rules, then the built-in ones).
     """
@@ -225,6 +226,7 @@ class Config:
     header_timeout: float = 30.0
     idle_timeout: float = 60.0
     max_connections: int = 2000
+    memory_cache: int = 64 << 20
 
 
 def is_loopback(client: str) -> bool:

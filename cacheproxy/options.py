@@ -190,6 +190,13 @@ class Options(usage.Options):
         ],
         ["log-format", None, "squid", "access log format: squid or combined"],
         [
+            "memory-cache",
+            None,
+            "64M",
+            "RAM for hot small responses, served without touching the disk "
+            "(0 turns it off)",
+        ],
+        [
             "max-connections",
             None,
             "2000",
@@ -260,4 +267,5 @@ class Options(usage.Options):
             header_timeout=parse_seconds(self["header-timeout"]),
             idle_timeout=parse_seconds(self["idle-timeout"]),
             max_connections=parse_count(self["max-connections"]),
+            memory_cache=parse_size(self["memory-cache"]),
         )

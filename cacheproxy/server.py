@@ -211,6 +211,7 @@ class ResponseWriter:
         self.status = 0
         self.bytes_sent = 0
         self.finished = False
+        self._held = b""
 
     @property
     def started(self) -> bool:
@@ -223,13 +224,27 @@ class ResponseWriter:
         return bool(self._channel.connected) and not self.finished
 
     def start(
-        self, status: int, reason: bytes, headers: Headers, length: int | None
+        self,
+        status: int,
+        reason: bytes,
+        headers: Headers,
+        length: int | None,
+        *,
+        block: bytes = b"",
+        hold: bool = False,
     ) -> None:
-        """Write the status line and header block; ``length`` None: not known yet."""
+        """Write the status line and header block; ``length`` None: not known yet.
+
+        ``block``: header lines already encoded, sent before ``headers``.
+        ``hold``: keep the head back and send it with the first piece of body, so
+        that a small response goes out in one write.
+        """
         self.status = status
         if status in (204, 304) or 100 <= status < 200:
             self._bodyless = True
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _REASONS.get(status, b""))]
+        if block:
+            lines.append(block)
         lines.extend(b"%s: %s\r\n" % (name, value) for name, value in headers)
         if not self._bodyless or (
             self._request.method == b"HEAD" and length is not None
@@ -246,7 +261,11 @@ class ResponseWriter:
         elif self._request.version == b"1.0":
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        self._send(b"".join(lines))
+        head = b"".join(lines)
+        if hold:
+            self._held = head
+        else:
+            self._send(head)
 
     def write(self, data: bytes) -> None:
         """Send a piece of the body."""
@@ -262,6 +281,8 @@ class ResponseWriter:
             return
         if self._chunked:
             self._send(b"0\r\n\r\n")
+        elif self._held:
+            self._send(b"")
         self.finished = True
         self._channel.response_finished(self, self._keep_alive)
 
@@ -276,12 +297,17 @@ class ResponseWriter:
         """Answer with a short plain-text error of the proxy's own."""
         body = message.encode("utf-8", "replace") + b"\n"
         if not self.started:
-            self._keep_alive = self._keep_alive and status < 500 or status in (502, 504)
+            # After most server errors the connection's state is in doubt; an
+            # unreachable origin (502, 504) leaves it sound.
+            self._keep_alive = self._keep_alive and (
+                status < 500 or status in (502, 504)
+            )
             self.start(
                 status,
                 _REASONS.get(status, b"Error"),
                 ((b"Content-Type", b"text/plain; charset=utf-8"),) + headers,
                 len(body),
+                hold=True,
             )
             self.write(body)
             self.finish()
@@ -297,6 +323,8 @@ class ResponseWriter:
         self._channel.unregister_producer()
 
     def _send(self, data: bytes) -> None:
+        if self._held:
+            data, self._held = self._held + data, b""
         self.bytes_sent += len(data)
         self._channel.send(data)
 

@@ -23,6 +23,7 @@ from cacheproxy.model import Config
 from cacheproxy.options import Options
 from cacheproxy.origin import Origin
 from cacheproxy.server import ProxyFactory
+from cacheproxy.stats import Stats
 from cacheproxy.store import Store
 
 __all__ = ["Options", "makeService", "ProxyService"]
@@ -30,6 +31,7 @@ __all__ = ["Options", "makeService", "ProxyService"]
 log = Logger()
 
 CULL_INTERVAL = 60.0
+COUNTERS_INTERVAL = 10.0
 DRAIN_SECONDS = 10.0
 
 
@@ -60,19 +62,43 @@ class _Resources(Service):
     """Starts the store's threads; at stop closes the threads, origins and store."""
 
     def __init__(
-        self, reactor: Any, threadpool: ThreadPool, origin: Origin, store: Store
+        self,
+        reactor: Any,
+        threadpool: ThreadPool,
+        origin: Origin,
+        store: Store,
+        stats: Stats,
     ) -> None:
         self._reactor = reactor
         self._threadpool = threadpool
         self._origin = origin
         self._store = store
+        self._stats = stats
+        self._written = {"hit": 0, "miss": 0}
         self._culling = LoopingCall(self._cull)
         self._culling.clock = reactor
+        self._counting = LoopingCall(self._write_counters)
+        self._counting.clock = reactor
 
     def startService(self) -> None:
         super().startService()
         self._threadpool.start()
         self._culling.start(CULL_INTERVAL, now=False)
+        self._counting.start(COUNTERS_INTERVAL, now=False)
+
+    def _write_counters(self) -> defer.Deferred[None] | None:
+        """Add this process's new hits and misses to the store's counters, which
+        ``cacheproxy stats`` reads (several workers add up there)."""
+        now = {"hit": self._stats.hits, "miss": self._stats.misses}
+        deltas = {name: now[name] - self._written[name] for name in now}
+        if not any(deltas.values()):
+            return None
+        self._written = now
+        written: defer.Deferred[None] = threads.deferToThreadPool(
+            self._reactor, self._threadpool, self._store.add_counters, deltas
+        )
+        written.addErrback(lambda f: log.failure("writing counters failed", f))
+        return written
 
     def _cull(self) -> defer.Deferred[int]:
         # diskcache culls a few entries per write only, so a busy store can overrun
@@ -88,6 +114,9 @@ class _Resources(Service):
         super().stopService()
         if self._culling.running:
             self._culling.stop()
+        if self._counting.running:
+            self._counting.stop()
+            yield self._write_counters()
         yield self._origin.close()
         self._threadpool.stop()
         self._store.close()
@@ -116,7 +145,9 @@ class ProxyService(MultiService):
             proxy_pseudonym(config.cache_dir),
             threadpool,
         )
-        self._resources = _Resources(reactor, threadpool, origin, store)
+        self._resources = _Resources(
+            reactor, threadpool, origin, store, self.proxy.stats
+        )
         self._resources.setServiceParent(self)
         self._access_log = access_log
         access_log.setServiceParent(self)

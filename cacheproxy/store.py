@@ -12,6 +12,9 @@ Rules of this module:
 - Eviction may remove a body and keep its metadata, or the reverse; readers see a
   missing body as C{None} and the dangling metadata is dropped.
 - Every method is safe to call from several threads at once.
+- ``"s:counters"`` holds the proxy's request counters as a JSON ``str`` object of
+  counter name to integer (``{"hit": 12, "miss": 3, ...}``), merged by
+  L{Store.add_counters} so several workers and processes can add to it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any, BinaryIO
 
@@ -35,6 +38,8 @@ from cacheproxy.model import Entry, Headers, ResponseHead
 _META = "m:"
 _BODY = "b:"
 _TMP = "tmp"
+_COUNTERS = "s:counters"
+_CHUNK = 1 << 16
 _EVICTION_POLICY = "least-recently-used"
 
 Vary = tuple[tuple[bytes, bytes | None], ...]
@@ -186,6 +191,85 @@ class Store:
     def close(self) -> None:
         """Close the calling thread's database connection."""
         self._cache.close()
+
+    @classmethod
+    def open_existing(cls, directory: str) -> Store:
+        """Open the store at ``directory`` with the settings saved in it.
+
+        Raises FileNotFoundError if ``directory`` holds no cache (it is never
+        created).  Unlike the constructor this leaves C{tmp/} alone, so a running
+        proxy's bodies in progress are not touched.
+        """
+        if not os.path.isfile(os.path.join(directory, diskcache.core.DBNAME)):
+            raise FileNotFoundError(f"{directory} is not a cache directory")
+        store = cls.__new__(cls)
+        store.directory = directory
+        store.tmp_directory = os.path.join(directory, _TMP)
+        # No settings: diskcache keeps the size limit and policy saved in the
+        # directory, where passing them would overwrite the proxy's.
+        store._cache = diskcache.Cache(directory, disk=_MovingDisk)
+        os.makedirs(store.tmp_directory, exist_ok=True)
+        return store
+
+    def size_limit(self) -> int:
+        """The disk budget in bytes saved in the cache's settings."""
+        return int(self._cache.size_limit)
+
+    def put(self, entry: Entry, body: bytes | BinaryIO) -> Entry:
+        """Store ``body`` under ``entry.key`` through L{begin} and commit.
+
+        The body is either bytes or a readable binary file; on any error the
+        partial body is aborted, so nothing half-written becomes visible.
+        """
+        writer = self.begin(entry.key)
+        try:
+            if isinstance(body, bytes):
+                writer.write(body)
+            else:
+                while chunk := body.read(_CHUNK):
+                    writer.write(chunk)
+            return writer.commit(entry)
+        except BaseException:
+            writer.abort()
+            raise
+
+    def clear(self) -> int:
+        """Remove every stored entry and its body; return how many variants.
+
+        One short transaction per URL, so a proxy using the store meanwhile is
+        never blocked for long; other keys (the counters) are kept.
+        """
+        keys = [
+            name[len(_META) :]
+            for name in list(self._cache)
+            if isinstance(name, str) and name.startswith(_META)
+        ]
+        return sum(self.invalidate(key) for key in keys)
+
+    def read_counters(self) -> dict[str, int] | None:
+        """The counters the proxy recorded, or None if it recorded none."""
+        raw = self._cache.get(_COUNTERS, default=None)
+        if not isinstance(raw, str):
+            return None
+        try:
+            items = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(items, dict):
+            return None
+        return {
+            str(name): int(value)
+            for name, value in items.items()
+            if isinstance(value, int) and not isinstance(value, bool)
+        }
+
+    def add_counters(self, deltas: Mapping[str, int]) -> None:
+        """Add ``deltas`` to the recorded counters in one short transaction."""
+        with self._cache.transact():
+            counters = self.read_counters() or {}
+            for name, delta in deltas.items():
+                counters[name] = counters.get(name, 0) + delta
+            self._cache.set(_COUNTERS, json.dumps(counters, sort_keys=True))
 
     def _commit(self, key: str, body: _ReceivedBody, size: int, entry: Entry) -> Entry:
         """Store ``body`` then switch ``key``'s metadata to include ``entry``."""

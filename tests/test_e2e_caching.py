@@ -15,6 +15,7 @@ from tests.support import (
     request_bytes,
     send_raw,
     start_raw_origin,
+    wait_for,
 )
 
 
@@ -330,3 +331,54 @@ async def test_vary_miss_asks_with_stored_etags(origin: Origin, proxy: RunningPr
     assert other.header("Cache-Status") == "cacheproxy; fwd=vary-miss; fwd-status=304"
     sent = origin.requests[b"/lang"][2].header("If-None-Match")
     assert '"en"' in sent and '"fr"' in sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_hit_then_disk_hit_without_memory_tier(origin: Origin, tmp_path):
+    """Small hits come from RAM; with --memory-cache 0 they come from the disk."""
+    url = origin.static("/small", b"tiny", {"Cache-Control": "max-age=300"})
+    running = await start_proxy(tmp_path / "mem")
+    try:
+        await fetch(running.port, "GET", url)
+        from_memory = await fetch(running.port, "GET", url)
+    finally:
+        await running.service.stopService()
+    without = await start_proxy(tmp_path / "disk", memory_cache=0)
+    try:
+        await fetch(without.port, "GET", url)
+        from_disk = await fetch(without.port, "GET", url)
+        await wait_for(lambda: without.access_log.exists(), timeout=3)
+        await wait_for(lambda: "TCP_HIT/200" in without.access_log.read_text(), 3)
+    finally:
+        await without.service.stopService()
+    assert from_memory.body == from_disk.body == b"tiny"
+    assert from_memory.header("Cache-Status") == "cacheproxy; hit"
+    assert from_disk.header("Cache-Status") == "cacheproxy; hit"
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_tier_follows_purge_and_replacement(origin: Origin, tmp_path):
+    """What the memory tier serves never outlives a purge or a newer response."""
+    state = {"body": b"one"}
+
+    def handler(request: server.Request) -> bytes:
+        request.setHeader(b"Cache-Control", b"max-age=300")
+        return state["body"]
+
+    url = origin.route("/mem", handler)
+    running = await start_proxy(tmp_path)
+    try:
+        await fetch(running.port, "GET", url)
+        assert (await fetch(running.port, "GET", url)).body == b"one"
+        state["body"] = b"two"
+        purged = await fetch(running.port, "PURGE", url)
+        after_purge = await fetch(running.port, "GET", url)
+        state["body"] = b"three"
+        reloaded = await fetch(running.port, "GET", url, {"Cache-Control": "no-cache"})
+        latest = await fetch(running.port, "GET", url)
+    finally:
+        await running.service.stopService()
+    assert purged.status == 200
+    assert after_purge.body == b"two"
+    assert reloaded.body == b"three"
+    assert latest.body == b"three"

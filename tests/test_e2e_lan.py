@@ -10,6 +10,7 @@ import signal
 import pytest_twisted
 from twisted.internet import defer
 
+from cacheproxy import cli
 from tests.conftest import RunningProxy, start_proxy
 from tests.support import Origin, fetch, send_raw, start_raw_origin, wait_for
 from tests.test_e2e_access import ESTABLISHED, _echo_server, _open_tunnel
@@ -164,3 +165,19 @@ async def _connection_refused(port: int) -> bool:
     except Exception:
         return True
     return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_cacheproxy_stats_reads_what_the_proxy_counted(
+    origin: Origin, tmp_path, capsys
+):
+    """`cacheproxy stats` reports the hits and misses the proxy wrote to the store."""
+    url = origin.static("/counted", b"c", {"Cache-Control": "max-age=60"})
+    running = await start_proxy(tmp_path)
+    try:
+        await fetch(running.port, "GET", url)
+        await fetch(running.port, "GET", url)
+    finally:
+        await running.service.stopService()
+    assert cli.main(["stats", "--cache-dir", str(running.cache_dir)]) == 0
+    assert "hits/misses: 1/1" in capsys.readouterr().out

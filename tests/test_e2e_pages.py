@@ -46,7 +46,7 @@ async def test_metrics_are_prometheus_text(origin: Origin, proxy: RunningProxy):
         if s.name == "cacheproxy_requests_total"
     }
     assert requests["TCP_MISS"] == 1
-    assert requests["TCP_HIT"] == 1
+    assert requests["TCP_MEM_HIT"] == 1
 
 
 @pytest_twisted.ensureDeferred

@@ -113,7 +113,7 @@ def test_twistd_runs_the_plugin(tmp_path: Path, thread_origin: str):
     # twistd re-raises the signal that stopped it, so its status says SIGTERM.
     assert process.returncode in (0, -signal.SIGTERM)
     lines = log.read_text().splitlines()
-    assert [line.split()[3] for line in lines] == ["TCP_MISS/200", "TCP_HIT/200"]
+    assert [line.split()[3] for line in lines] == ["TCP_MISS/200", "TCP_MEM_HIT/200"]
     assert (tmp_path / "cache" / "proxy-id").exists()
 
 

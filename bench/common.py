@@ -262,7 +262,10 @@ def start_nginx(
     """nginx serving ``root`` on a free loopback port, all its files under ``tmp``.
 
     Responses carry ``Cache-Control: max-age=3600`` so proxies may store them.
-    ``extra`` is added to the ``server`` block.
+    ``extra`` is added to the ``server`` block (an ``add_header`` in a ``location``
+    there replaces this server-level one for that location). The server's
+    ``access_log`` is nginx's access log, one line per request, so
+    ``access_lines(origin)`` counts the requests that reached the origin.
     """
     home = tmp / name
     home.mkdir(exist_ok=True)
@@ -303,6 +306,7 @@ http {{
             [NGINX, "-p", str(home), "-e", str(home / "error.log"), "-c", str(conf)],
             home / "stdout.log",
             port=port,
+            access_log=home / "access.log",
             tree=True,
         )
         try:

@@ -204,6 +204,7 @@ class Config:
     @ivar idle_timeout: seconds a keep-alive connection may wait for a request.
     @ivar max_connections: open client connections; past it new ones get 503.
     @ivar memory_cache: bytes of RAM for hot small responses (0 turns it off).
+    @ivar workers: processes sharing the listening socket and the store.
     @ivar refresh_rules: heuristic freshness by URL, first match wins
         (``--refresh-pattern`` rules, then the built-in ones).
     """
@@ -227,6 +228,7 @@ class Config:
     idle_timeout: float = 60.0
     max_connections: int = 2000
     memory_cache: int = 64 << 20
+    workers: int = 1
 
 
 def is_loopback(client: str) -> bool:

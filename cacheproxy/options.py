@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
+from typing import Any
 
 from twisted.python import usage
 
@@ -115,6 +117,11 @@ class Options(usage.Options):
         "RFC 9111 allows and fetches from the origin otherwise."
     )
 
+    def parseOptions(self, options: Any = None) -> None:
+        """Parse, keeping the arguments as given for worker processes to re-parse."""
+        self.raw: list[str] = list(options) if options is not None else sys.argv[1:]
+        super().parseOptions(options)
+
     def getUsage(self, width: int | None = None) -> str:
         """The usual help, then the built-in refresh rules, one a line."""
         rules = "\n".join(f"  {rule.source}" for rule in builtin_rules())
@@ -189,6 +196,13 @@ class Options(usage.Options):
             "(http://host:port)",
         ],
         ["log-format", None, "squid", "access log format: squid or combined"],
+        [
+            "workers",
+            None,
+            "1",
+            "processes sharing one listening socket and one store (a parent "
+            "process starts them and restarts any that dies)",
+        ],
         [
             "memory-cache",
             None,
@@ -268,4 +282,5 @@ class Options(usage.Options):
             idle_timeout=parse_seconds(self["idle-timeout"]),
             max_connections=parse_count(self["max-connections"]),
             memory_cache=parse_size(self["memory-cache"]),
+            workers=parse_count(self["workers"]),
         )

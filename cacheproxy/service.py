@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import signal
+import socket
+import sys
 import threading
 from typing import Any
 
@@ -12,9 +15,12 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from cacheproxy.accesslog import AccessLog
@@ -122,6 +128,36 @@ class _Resources(Service):
         self._store.close()
 
 
+class _Adopted(Service):
+    """Listens on a socket inherited from the parent process (``--workers``).
+
+    @ivar waiting: fires with the port once it listens.
+    """
+
+    def __init__(self, reactor: Any, fd: int, factory: ProxyFactory) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._factory = factory
+        self._port: IListeningPort | None = None
+        self._waitingForPort: defer.Deferred[IListeningPort] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        family = socket.socket(fileno=os.dup(self._fd)).family
+        # adoptStreamPort duplicates the descriptor; the inherited one can go.
+        port = self._reactor.adoptStreamPort(self._fd, family, self._factory)
+        os.close(self._fd)
+        self._port = port
+        self._waitingForPort = defer.succeed(port)
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self._port is None:
+            return None
+        stopped: defer.Deferred[None] | None = self._port.stopListening()
+        return stopped
+
+
 class ProxyService(MultiService):
     """The whole proxy as one twistd service.
 
@@ -129,10 +165,19 @@ class ProxyService(MultiService):
     @ivar listening: fires with the listening port once it is bound.
     """
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        listen_fd: int | None = None,
+        worker: str = "",
+    ) -> None:
+        """``listen_fd``: a worker adopts its parent's listening socket instead of
+        binding ``config.port``; ``worker`` names it on the status page."""
         super().__init__()
         os.makedirs(config.cache_dir, exist_ok=True)
-        store = Store(config.cache_dir, config.cache_size)
+        store = Store(config.cache_dir, config.cache_size, clean=listen_fd is None)
         origin = Origin(reactor, config.origin_timeout, upstream=config.upstream)
         threadpool = ThreadPool(minthreads=1, maxthreads=4, name="cacheproxy-store")
         access_log = AccessLog(config.access_log, reactor)
@@ -149,11 +194,20 @@ class ProxyService(MultiService):
             reactor, threadpool, origin, store, self.proxy.stats
         )
         self._resources.setServiceParent(self)
+        if worker:
+            self.proxy.info = dataclasses.replace(
+                self.proxy.info, options=self.proxy.info.options + (("worker", worker),)
+            )
         self._access_log = access_log
         access_log.setServiceParent(self)
-        endpoint = serverFromString(reactor, _with_backlog(config.port))
-        listener = StreamServerEndpointService(endpoint, ProxyFactory(self.proxy))
-        listener._raiseSynchronously = True
+        factory = ProxyFactory(self.proxy)
+        listener: _Adopted | StreamServerEndpointService
+        if listen_fd is not None:
+            listener = _Adopted(reactor, listen_fd, factory)
+        else:
+            endpoint = serverFromString(reactor, _with_backlog(config.port))
+            listener = StreamServerEndpointService(endpoint, factory)
+            listener._raiseSynchronously = True
         listener.setServiceParent(self)
         self._listener = listener
         self._reactor = reactor
@@ -217,8 +271,172 @@ class ProxyService(MultiService):
         return port
 
 
-def makeService(options: Options) -> ProxyService:
+def makeService(options: Options) -> Service:
     """twistd's entry point: the proxy service for these options."""
     from twisted.internet import reactor  # noqa: TID251 (the one place it is chosen)
 
-    return ProxyService(options["config"], reactor)
+    config: Config = options["config"]
+    if config.workers > 1:
+        return Workers(config, reactor, options.raw)
+    return ProxyService(config, reactor)
+
+
+class _Child(ProcessProtocol):
+    """One worker process: its output goes to the parent's log."""
+
+    def __init__(self, parent: Workers, number: int) -> None:
+        self._parent = parent
+        self.number = number
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self._partial = b""
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            log.info(
+                "worker {number}: {line}",
+                number=self.number,
+                line=line.decode("utf-8", "replace"),
+            )
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+        self._parent.child_ended(self, reason)
+
+
+class Workers(Service):
+    """``--workers N``: bind the port once, run N processes that adopt it.
+
+    The parent accepts no connections itself; the kernel hands each new connection
+    to one of the workers.  A worker that dies is started again; SIGTERM to the
+    parent stops every worker (each drains its requests) and then the parent.
+
+    @ivar listening: fires with the bound port.
+    """
+
+    RESTART_DELAY = 1.0
+    STOP_TIMEOUT = 20.0
+
+    def __init__(self, config: Config, reactor: Any, arguments: list[str]) -> None:
+        self._config = config
+        self._reactor = reactor
+        self._arguments = arguments
+        self._children: dict[int, tuple[_Child, Any]] = {}
+        self._port: IListeningPort | None = None
+        self._previous_usr1: Any = None
+        self.listening: defer.Deferred[IListeningPort] = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        os.makedirs(self._config.cache_dir, exist_ok=True)
+        # Create the store and its settings once, and clean orphans, before any
+        # worker opens it (DESIGN.md: initialise the cache before forking).
+        Store(self._config.cache_dir, self._config.cache_size).close()
+        proxy_pseudonym(self._config.cache_dir)
+        endpoint = serverFromString(self._reactor, _with_backlog(self._config.port))
+        listening = endpoint.listen(Factory())
+        listening.addCallback(self._listened)
+        listening.addErrback(self._failed)
+
+    def _failed(self, reason: Failure) -> None:
+        log.failure("cannot listen on {port}", reason, port=self._config.port)
+        self._reactor.stop()
+
+    def _listened(self, port: IListeningPort) -> None:
+        port.stopReading()  # type: ignore[attr-defined]
+        self._port = port
+        address = port.getHost()
+        log.info(
+            "cacheproxy listening on {host}:{port} with {n} workers",
+            host=getattr(address, "host", "?"),
+            port=getattr(address, "port", "?"),
+            n=self._config.workers,
+        )
+        for number in range(1, self._config.workers + 1):
+            self._spawn(number)
+        self._install_signal()
+        self.listening.callback(port)
+
+    def _spawn(self, number: int) -> None:
+        assert self._port is not None
+        child = _Child(self, number)
+        label = f"{number} of {self._config.workers}"
+        argv = [
+            sys.executable,
+            "-m",
+            "cacheproxy.worker",
+            "--listen-fd",
+            "3",
+            "--worker",
+            label,
+            "--",
+            *self._arguments,
+        ]
+        fd = self._port.fileno()  # type: ignore[attr-defined]
+        process = self._reactor.spawnProcess(
+            child,
+            sys.executable,
+            argv,
+            env=os.environ.copy(),
+            childFDs={0: "w", 1: "r", 2: "r", 3: fd},
+        )
+        self._children[number] = (child, process)
+        log.info("started worker {number} (pid {pid})", number=number, pid=process.pid)
+
+    def child_ended(self, child: _Child, reason: Failure) -> None:
+        """A worker exited: start it again unless the parent is stopping."""
+        current = self._children.get(child.number)
+        if current is None or current[0] is not child:
+            return
+        del self._children[child.number]
+        if not self.running:
+            return
+        log.warn(
+            "worker {number} ended ({reason}); starting it again",
+            number=child.number,
+            reason=reason.getErrorMessage(),
+        )
+        self._reactor.callLater(self.RESTART_DELAY, self._restart, child.number)
+
+    def _restart(self, number: int) -> None:
+        if self.running and number not in self._children:
+            self._spawn(number)
+
+    def _install_signal(self) -> None:
+        """SIGUSR1 to the parent reaches every worker (access log reopening)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def forward(signum: int, frame: Any) -> None:
+            self._reactor.callFromThread(self._signal_children, signal.SIGUSR1)
+            if callable(previous):
+                previous(signum, frame)
+
+        previous = signal.getsignal(signal.SIGUSR1)
+        self._previous_usr1 = previous
+        signal.signal(signal.SIGUSR1, forward)
+
+    def _signal_children(self, signum: int) -> None:
+        for _, process in list(self._children.values()):
+            try:
+                process.signalProcess(signum)
+            except ProcessExitedAlready:
+                pass
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        """Stop every worker (SIGTERM, then SIGKILL after a bound), then listening."""
+        super().stopService()
+        if self._previous_usr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_usr1)
+        children = list(self._children.values())
+        self._signal_children(signal.SIGTERM)
+        ended = defer.DeferredList([child.ended for child, _ in children])
+        ended.addTimeout(self.STOP_TIMEOUT, self._reactor)
+        try:
+            yield ended
+        except defer.TimeoutError:
+            self._signal_children(signal.SIGKILL)
+        if self._port is not None:
+            yield self._port.stopListening()

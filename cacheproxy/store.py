@@ -82,8 +82,11 @@ class Store:
     @ivar tmp_directory: where bodies being received are written until committed.
     """
 
-    def __init__(self, directory: str, size_limit: int) -> None:
-        """Open or create the store at ``directory``; delete orphan partial bodies."""
+    def __init__(self, directory: str, size_limit: int, *, clean: bool = True) -> None:
+        """Open or create the store at ``directory``; delete orphan partial bodies.
+
+        ``clean``: False in a worker process, whose siblings may be writing there.
+        """
         self.directory = directory
         self.tmp_directory = os.path.join(directory, _TMP)
         self._cache: Any = diskcache.Cache(
@@ -93,6 +96,8 @@ class Store:
             disk=_MovingDisk,
         )
         os.makedirs(self.tmp_directory, exist_ok=True)
+        if not clean:
+            return
         # Files here were being written when a previous process died; they can
         # never be committed.  A live writer keeps its open handle, so even a
         # concurrent opener deleting its file does not break its commit.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sqlite3
 import sys
 import tempfile
@@ -25,11 +26,20 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 import diskcache
 
 from cacheproxy import __version__
+from cacheproxy.ca import (
+    CERT_FILE,
+    DEFAULT_DIRECTORY,
+    CAError,
+    fingerprint,
+    init_ca,
+    load_ca,
+)
 from cacheproxy.har import (
     NotHar,
     Skipped,
@@ -327,6 +337,65 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trust_instructions(pem: str, directory: str) -> list[str]:
+    """How to make each kind of client trust the CA certificate at ``pem``."""
+    q = shlex.quote(pem)
+    key = os.path.join(directory, "ca.key")
+    system = "/etc/ssl/certs/ca-certificates.crt"
+    return [
+        "To trust it (only in clients that will use this proxy's --intercept):",
+        "  Debian/Ubuntu (system store; the file name must end in .crt):",
+        f"    sudo cp {q} /usr/local/share/ca-certificates/cacheproxy.crt",
+        "    sudo update-ca-certificates",
+        f"  pip:       PIP_CERT={q} pip install ...   or   pip --cert {q} ...",
+        f"  npm:       npm config set cafile {q}   (node: NODE_EXTRA_CA_CERTS={q})",
+        f"  curl:      curl --cacert {q} ...",
+        f"  requests:  REQUESTS_CA_BUNDLE={q}",
+        "  browsers:  import it as an authority trusted to identify websites",
+        "             (Firefox: Settings > Privacy & Security > View Certificates >"
+        " Authorities;",
+        "             Chrome: Settings > Privacy and security > Security >"
+        " Manage certificates)",
+        "  (pip, npm cafile, curl and requests then trust only this CA, so hosts that"
+        " are not",
+        "  intercepted fail; after update-ca-certificates give them"
+        f" {system} instead.)",
+        "",
+        f"Risk: anyone holding {key} can impersonate any site to clients that trust"
+        " this CA",
+        "(it has no name constraints, as --intercept may name any host);"
+        f" keep {directory} private.",
+    ]
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    """Create the local CA and print its fingerprint and how to trust it."""
+    directory = Path(args.ca_dir)
+    authority = init_ca(directory, now=datetime.now(UTC), force=args.force)
+    pem = os.path.abspath(directory / CERT_FILE)
+    expiry = authority.certificate.not_valid_after_utc.strftime("%Y-%m-%d")
+    print(f"created a CA in {directory}, valid until {expiry}")
+    print(f"certificate: {pem}")
+    print(f"SHA-256 fingerprint: {fingerprint(authority.certificate)}")
+    print()
+    print("\n".join(_trust_instructions(pem, str(directory))))
+    return 0
+
+
+def cmd_ca_show(args: argparse.Namespace) -> int:
+    """Print the CA's certificate path, name, SHA-256 fingerprint and expiry."""
+    directory = Path(args.ca_dir)
+    certificate = load_ca(directory).certificate
+    expiry = certificate.not_valid_after_utc
+    left = (expiry - datetime.now(UTC)).total_seconds()
+    state = f"in {_duration(left)}" if left > 0 else "EXPIRED"
+    print(f"certificate: {os.path.abspath(directory / CERT_FILE)}")
+    print(f"subject: {certificate.subject.rfc4514_string()}")
+    print(f"SHA-256 fingerprint: {fingerprint(certificate)}")
+    print(f"expires: {expiry.strftime('%Y-%m-%dT%H:%M:%SZ')} ({state})")
+    return 0
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -391,6 +460,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("file", metavar="FILE.har")
     load.set_defaults(run=cmd_import)
+
+    ca_common = argparse.ArgumentParser(add_help=False)
+    ca_common.add_argument(
+        "--ca-dir",
+        default=str(DEFAULT_DIRECTORY),
+        metavar="DIR",
+        help=f"where the local CA lives (default {DEFAULT_DIRECTORY})",
+    )
+    ca = commands.add_parser(
+        "ca", help="the local CA that --intercept signs host certificates with"
+    )
+    ca_commands = ca.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = ca_commands.add_parser(
+        "init",
+        parents=[ca_common],
+        help="create the local CA; prints how to trust it",
+        description="Create a CA key (mode 0600) and a ten-year certificate in DIR,"
+        " and print how to make clients trust it.",
+    )
+    init.add_argument(
+        "--force", action="store_true", help="replace an existing CA in DIR"
+    )
+    init.set_defaults(run=cmd_ca_init)
+    show = ca_commands.add_parser(
+        "show", parents=[ca_common], help="its SHA-256 fingerprint and expiry"
+    )
+    show.set_defaults(run=cmd_ca_show)
     return parser
 
 
@@ -408,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(args, "subparser", parser).print_usage(sys.stderr)
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except CliError as exc:
+    except (CliError, CAError) as exc:
         message = str(exc)
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""

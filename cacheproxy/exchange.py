@@ -114,6 +114,7 @@ class Proxy:
         self.via = b"1.1 " + pseudonym.encode("ascii")
         self.revalidating: set[str] = set()
         self.memory = MemoryTier(config.memory_cache)
+        self._reading: dict[str, defer.Deferred[Sequence[Entry]]] = {}
         self.active = 0
         self.stats = Stats(reactor.seconds())
         self.info = pages.ProxyInfo(pseudonym, __version__, _shown_options(config))
@@ -178,6 +179,35 @@ class Proxy:
                 return self._figures
             self._figures, self._figures_at = (volume, entries), now
         return self._figures
+
+    def read_variants(self, key: str) -> defer.Deferred[Sequence[Entry]]:
+        """Read the URL's variants from the store into the memory tier, once at a
+        time per URL however many requests ask (annotated with the refresh rules)."""
+        pending = self._reading.get(key)
+        if pending is None:
+            pending = self._reading[key] = defer.ensureDeferred(self._read(key))
+        result: defer.Deferred[Sequence[Entry]] = defer.Deferred()
+
+        def deliver(value: Sequence[Entry] | Failure) -> Sequence[Entry] | Failure:
+            if isinstance(value, Failure):
+                result.errback(value)
+            else:
+                result.callback(value)
+            return value
+
+        pending.addBoth(deliver)
+        return result
+
+    async def _read(self, key: str) -> Sequence[Entry]:
+        try:
+            now = self.reactor.seconds()
+            stored = await self.in_thread(self.store.lookup, key)
+            rules = self.config.refresh_rules
+            entries = [with_rules(entry, rules) for entry in stored]
+            self.memory.remember(key, entries, now)
+            return entries
+        finally:
+            del self._reading[key]
 
     def exchange_started(self) -> None:
         """Count a request in flight."""
@@ -535,18 +565,22 @@ class Exchange:
 
         A snapshot in the memory tier saves the trip to the store's thread.
         """
-        memory = self.proxy.memory
-        now = self.proxy.reactor.seconds()
-        entries: Sequence[Entry] | None = memory.snapshot(self.key, now)
-        if entries is None:
+        proxy = self.proxy
+        found = proxy.memory.last_snapshot(self.key, proxy.reactor.seconds())
+        entries: Sequence[Entry]
+        if found is None:
             try:
-                stored = await self.proxy.in_thread(self.proxy.store.lookup, self.key)
+                entries = await proxy.read_variants(self.key)
             except Exception:
                 log.failure("store lookup failed for {key}", key=self.key)
                 return []
-            rules = self.proxy.config.refresh_rules
-            entries = [with_rules(entry, rules) for entry in stored]
-            memory.remember(self.key, entries, now)
+        else:
+            entries, fresh = found
+            if not fresh:
+                # Use what is known and read the store again behind the request:
+                # hot URLs then never wait for the store's thread.
+                refresh = proxy.read_variants(self.key)
+                refresh.addErrback(lambda f: log.failure("store lookup failed", f))
         if not self.proxy.config.offline and any(e.recorded for e in entries):
             # Recorded responses replay offline; online, only what RFC 9111 allows.
             entries = [

@@ -55,13 +55,20 @@ class MemoryTier:
 
     def snapshot(self, key: str, now: float) -> tuple[Entry, ...] | None:
         """The URL's variants if they were read from the store within ``ttl``."""
+        found = self.last_snapshot(key, now)
+        if found is None or not found[1]:
+            return None
+        return found[0]
+
+    def last_snapshot(
+        self, key: str, now: float
+    ) -> tuple[tuple[Entry, ...], bool] | None:
+        """The URL's variants as last read, and whether that was within ``ttl``."""
         slot = self._snapshots.get(key)
         if slot is None:
             return None
-        if now - slot[0] > self.ttl:
-            return None
         self._snapshots.move_to_end(key)
-        return slot[1]
+        return slot[1], now - slot[0] <= self.ttl
 
     def remember(self, key: str, entries: Sequence[Entry], now: float) -> None:
         """Keep the URL's variants as just read from the store."""

@@ -9,6 +9,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ def header_list(headers: Headers, name: bytes) -> list[bytes]:
 
 def split_list(value: bytes) -> list[bytes]:
     """Split one list-based field value on commas outside quoted strings."""
+    if b'"' not in value:
+        return [item for item in (part.strip() for part in value.split(b",")) if item]
     items: list[bytes] = []
     current = bytearray()
     quoted = False
@@ -236,8 +239,10 @@ def is_loopback(client: str) -> bool:
     return is_allowed(client, (DEFAULT_ALLOW[0], DEFAULT_ALLOW[1]))
 
 
+@functools.lru_cache(maxsize=4096)
 def is_allowed(client: str, networks: tuple[Network, ...]) -> bool:
-    """Whether the client address lies in one of ``networks``."""
+    """Whether the client address lies in one of ``networks`` (a LAN has few
+    clients, so the answers are remembered)."""
     try:
         address = ipaddress.ip_address(client.split("%", 1)[0])
     except ValueError:

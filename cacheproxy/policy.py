@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import calendar
 import enum
+import functools
 import hashlib
 import re
 from collections.abc import Sequence
@@ -113,8 +114,18 @@ def cache_control(headers: Headers) -> dict[str, str | None]:
     RFC 9111 section 5.2; the first occurrence of a directive wins (section 4.2.1)
     and items that are not ``token [= token / quoted-string]`` are skipped.
     """
+    values = header_values(headers, b"cache-control")
+    if not values:
+        return {}
+    # The same few field values come back on every hit: parse each once.
+    return dict(_parse_cache_control(tuple(values)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cache_control(values: tuple[bytes, ...]) -> dict[str, str | None]:
+    """The directives of these Cache-Control field values (see L{cache_control})."""
     directives: dict[str, str | None] = {}
-    for item in header_list(headers, b"cache-control"):
+    for item in (part for value in values for part in split_list(value)):
         text = item.decode("latin-1")
         name, eq, arg = text.partition("=")
         name = name.strip().lower()
@@ -182,6 +193,7 @@ def _timestamp(
     return float(calendar.timegm((year, number, day, hour, minute, sec, 0, 0, 0)))
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_http_date(value: bytes | None) -> float | None:
     """An HTTP-date as seconds since the epoch, or None if absent or invalid.
 

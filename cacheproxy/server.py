@@ -44,6 +44,9 @@ _REASONS = {
     403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    412: b"Precondition Failed",
+    416: b"Range Not Satisfiable",
     414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
@@ -381,6 +384,8 @@ class ProxyProtocol(Protocol):
         self.client = getattr(peer, "host", "-")
         here: IAddress = self._tcp.getHost()
         self.local = (getattr(here, "host", ""), getattr(here, "port", 0))
+        if hasattr(self._tcp, "setTcpNoDelay"):
+            self._tcp.setTcpNoDelay(True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False

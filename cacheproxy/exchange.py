@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from cacheproxy import __version__, pages, policy
 from cacheproxy.accesslog import AccessLog, combined_line, squid_line
+from cacheproxy.collapse import Flight, Shared, Tail
 from cacheproxy.memory import MemoryTier
 from cacheproxy.model import (
     Config,
@@ -114,6 +115,7 @@ class Proxy:
         self.via = b"1.1 " + pseudonym.encode("ascii")
         self.revalidating: set[str] = set()
         self.memory = MemoryTier(config.memory_cache)
+        self.flights: dict[str, Flight] = {}
         self._reading: dict[str, defer.Deferred[Sequence[Entry]]] = {}
         self.active = 0
         self.stats = Stats(reactor.seconds())
@@ -291,6 +293,7 @@ class Exchange:
         self.key = ""
         self.background = False
         self.recording = False
+        self.flight: Flight | None = None
         self.code = "TCP_MISS"
         self.hierarchy = "HIER_NONE/-"
         self.content_type: bytes | None = None
@@ -466,7 +469,71 @@ class Exchange:
         if entries:
             await self._ask_for_variants(entries)
         else:
+            await self._fetch_collapsed()
+
+    # -- collapsing ----------------------------------------------------------------
+
+    def _is_collapsible(self) -> bool:
+        """Whether this miss could share another's fetch: a plain GET that asks
+        nothing of its own (no credentials, directives, ranges or validators)."""
+        request = self.request
+        if request.method != b"GET" or self.body.present:
+            return False
+        if header_value(request.headers, b"authorization") is not None:
+            return False
+        if header_value(request.headers, b"range") is not None:
+            return False
+        if policy.has_conditionals(request):
+            return False
+        cc = policy.cache_control(request.headers)
+        if "no-cache" in cc or "no-store" in cc:
+            return False
+        pragma = header_value(request.headers, b"pragma") or b""
+        return b"no-cache" not in pragma.lower()
+
+    async def _fetch_collapsed(self) -> None:
+        """Fetch a miss, letting identical misses meanwhile wait and share it."""
+        flights = self.proxy.flights
+        if not self._is_collapsible():
             await self._forward(self._origin_headers(), "miss")
+            return
+        flight = flights.get(self.key)
+        if flight is not None:
+            if not await self._follow(flight):
+                await self._forward(self._origin_headers(), "miss")
+            return
+        flight = self.flight = flights[self.key] = Flight()
+        try:
+            await self._forward(self._origin_headers(), "miss")
+        finally:
+            flight.finish(False)
+            if flights.get(self.key) is flight:
+                del flights[self.key]
+
+    async def _follow(self, flight: Flight) -> bool:
+        """Serve this request from another's fetch; False if it cannot be shared."""
+        flight.followers += 1
+        shared = await flight.ready()
+        if shared is None:
+            return False
+        names = tuple(name for name, _ in shared.vary)
+        if policy.vary_values(names, self.request) != shared.vary:
+            return False
+        try:
+            body = open(shared.path, "rb")  # noqa: SIM115 (Tail closes it)
+        except OSError:
+            # The leader committed already; its file has moved into the store.
+            return False
+        self.code = "TCP_CF_MISS"
+        head = shared.head
+        self.content_type = header_value(head.headers, b"content-type")
+        fields = head.headers + self._proxy_headers(b"fwd=miss; collapsed")
+        self.writer.start(head.status, head.reason, fields, shared.length)
+        if await Tail(body, flight, self.writer).start():
+            self.writer.finish()
+        else:
+            self.writer.abort()
+        return True
 
     async def _replay(self) -> None:
         """``--offline``: answer from the store, fresh or stale, never the origin.
@@ -936,6 +1003,14 @@ class Exchange:
         elif self.request.method == b"HEAD" and head.status == 200:
             await self._freshen_with_head(head, length, times)
         sink = self._store_writer(head, length)
+        flight = self.flight
+        if flight is not None:
+            if sink is not None and not self.recording:
+                vary = policy.vary_values(policy.vary_names(head) or (), self.request)
+                flight.share(Shared(head, length, sink.path, vary))
+            else:
+                # Not for a shared cache (RFC 9111 section 3): never for others.
+                flight.refuse()
         status = b"fwd=" + fwd.encode()
         if sink is not None:
             status += b"; stored"
@@ -950,14 +1025,17 @@ class Exchange:
             length,
             self.proxy.config.max_object_size,
             memory.max_item if memory.enabled else -1,
+            flight,
         )
         response.deliverBody(receiver)
         complete = await receiver.done
         if sink is not None:
             whole = complete and (length is None or sink.size == length)
-            await self._commit(
+            stored = await self._commit(
                 sink, whole and not receiver.oversize, head, times, receiver.small()
             )
+            if flight is not None:
+                flight.finish(stored)
         if complete:
             # The last bytes go out only now, so a client that asks again as soon
             # as it has the whole body finds it stored.
@@ -974,14 +1052,15 @@ class Exchange:
         head: ResponseHead,
         times: tuple[float, float],
         small: bytes | None = None,
-    ) -> None:
+    ) -> bool:
         """Make a completely received body visible in the store, or discard it.
 
         ``small``: the whole body when it is small enough for the memory tier.
+        Returns whether the body is stored.
         """
         if not whole:
             sink.abort()
-            return
+            return False
         entry = Entry(
             key=self.key,
             url=self.request.target.decode("latin-1"),
@@ -1001,10 +1080,11 @@ class Exchange:
         except Exception:
             log.failure("storing {url} failed", url=entry.url)
             sink.abort()
-            return
+            return False
         self.proxy.memory.forget(self.key)
         if small is not None:
             self.proxy.memory.keep_body(stored.body_id, small)
+        return True
 
     def _store_writer(
         self, head: ResponseHead, length: int | None
@@ -1187,8 +1267,10 @@ class _OriginBody(Protocol):
         length: int | None,
         limit: int,
         keep: int = -1,
+        flight: Flight | None = None,
     ):
         self._client = client
+        self._flight = flight
         self._sink = sink
         self._length = length
         self._limit = limit
@@ -1232,6 +1314,10 @@ class _OriginBody(Protocol):
             return
         try:
             sink.write(data)
+            flight = self._flight
+            if flight is not None and flight.followers:
+                sink.flush()
+                flight.progress(sink.size)
         except OSError:
             log.failure("cannot write a body to the store")
             self.oversize = True

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cacheproxy.model import Headers, RequestHead, header_values
+from cacheproxy.model import Headers, RequestHead, header_list, header_values
 
 if TYPE_CHECKING:
     from cacheproxy.exchange import Proxy
@@ -54,6 +54,7 @@ _REASONS = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
     508: b"Loop Detected",
 }
 
@@ -242,6 +243,8 @@ class ResponseWriter:
         ``hold``: keep the head back and send it with the first piece of body, so
         that a small response goes out in one write.
         """
+        if self.finished:
+            return
         self.status = status
         if status in (204, 304) or 100 <= status < 200:
             self._bodyless = True
@@ -272,7 +275,7 @@ class ResponseWriter:
 
     def write(self, data: bytes) -> None:
         """Send a piece of the body."""
-        if self._bodyless or not data:
+        if self._bodyless or not data or self.finished:
             return
         if self._chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
@@ -288,6 +291,10 @@ class ResponseWriter:
             self._send(b"")
         self.finished = True
         self._channel.response_finished(self, self._keep_alive)
+
+    def close_after(self) -> None:
+        """Close the connection once this response is sent."""
+        self._keep_alive = False
 
     def abort(self) -> None:
         """Give up mid-response: close the connection so the client sees truncation."""
@@ -452,9 +459,12 @@ class ProxyProtocol(Protocol):
             version=self._parser.get_http_version().encode("ascii"),
             headers=headers,
         )
+        if head.version not in (b"1.0", b"1.1"):
+            raise RequestRejected(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         if head.method == b"CONNECT":
             self._connect = head
             return
+        _check_framing(head)
         body = _request_body(headers)
         pending = _Pending(head, body, self._parser.should_keep_alive())
         self._parsing = pending if body.present else None
@@ -603,7 +613,18 @@ class ProxyProtocol(Protocol):
         )
         self._closing = True
         self._queue.clear()
-        if self._active is not None:
+        active = self._active
+        if active is not None:
+            if self._parsing is not None:
+                # The body broke off: the origin must not get the rest of it.
+                self._parsing.body.abandon()
+                self._parsing = None
+            if not active.started:
+                # The request was handed on before its body turned out broken;
+                # its answer is this error, and whatever the origin says is dropped.
+                active.close_after()
+                active.error(status, message)
+                return
             # A response is under way; the client cannot be told in order.
             self._close(abort=False)
             return
@@ -630,6 +651,22 @@ class ProxyProtocol(Protocol):
         self._pauses.discard(why)
         if not self._pauses and self.connected:
             self._tcp.resumeProducing()
+
+
+def _check_framing(head: RequestHead) -> None:
+    """Refuse request framing that proxies and origins could read differently.
+
+    RFC 9112 section 6.1: Transfer-Encoding in an HTTP/1.0 request is faulty
+    framing; section 6.3: a request whose final transfer coding is not chunked
+    cannot be delimited.  Either is answered 400 and the connection closed.
+    """
+    codings = header_list(head.headers, b"transfer-encoding")
+    if not codings:
+        return
+    if head.version == b"1.0":
+        raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
+    if codings[-1].lower() != b"chunked":
+        raise RequestRejected(400, "the request's final transfer coding is not chunked")
 
 
 def _request_body(headers: Headers) -> RequestBody:

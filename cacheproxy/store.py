@@ -356,6 +356,15 @@ class BodyWriter:
         # Guards only state changes, so write() never waits on a commit.
         self._lock = threading.Lock()
 
+    @property
+    def path(self) -> str:
+        """The temporary file the body is being written to (readers may follow it)."""
+        return self._path
+
+    def flush(self) -> None:
+        """Push written bytes to the file, for readers following it."""
+        self._file.flush()
+
     def write(self, data: bytes) -> None:
         """Append ``data`` to the body."""
         if self._state != "open":

@@ -1,0 +1,359 @@
+"""Fault injection at the process boundary: a proxy killed with SIGKILL while it
+stores a body, and body files changed behind a running proxy's back.  The store never
+serves a truncated body: a URL is a miss or a complete hit."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import http.server
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cacheproxy.policy import cache_key
+from cacheproxy.store import Store
+
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+HOST = "127.0.0.1"
+DEADLINE = 30.0
+MB = 1 << 20
+
+
+class TwistdProxy:
+    """``twistd -n cacheproxy`` in a subprocess on 127.0.0.1, its port read from its
+    log line ``listening on 127.0.0.1:PORT``.
+
+    @ivar directory: holds the cache (``cache/``) and the access log.
+    @ivar options: extra command-line options.
+    @ivar port: the port of the running process, 0 before it listens.
+    """
+
+    def __init__(self, directory: Path, *options: str) -> None:
+        self.directory = directory
+        self.options = options
+        self.port = 0
+        self._process: subprocess.Popen[str] | None = None
+        self._lines: list[str] = []
+        self._listening = threading.Event()
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.directory / "cache"
+
+    def start(self) -> int:
+        """Start the process and wait until it listens; return its port."""
+        self._lines = []
+        self._listening = threading.Event()
+        self._process = subprocess.Popen(
+            [
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "cacheproxy",
+                "-p",
+                f"tcp:0:interface={HOST}",
+                "--cache-dir",
+                str(self.cache_dir),
+                "--access-log",
+                str(self.directory / "access.log"),
+                *self.options,
+            ],
+            cwd=self.directory,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._pump, args=(self._process,), daemon=True).start()
+        if not self._listening.wait(DEADLINE):
+            self.kill()
+            raise AssertionError("twistd did not start:\n" + self.output())
+        return self.port
+
+    def _pump(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self._lines.append(line)
+            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                self._listening.set()
+
+    def output(self) -> str:
+        """Everything the process logged so far."""
+        return "".join(self._lines)
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(timeout=DEADLINE)
+
+    def stop(self) -> None:
+        """SIGTERM and wait; SIGKILL if it does not stop in time."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            self._process.wait(timeout=DEADLINE)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[TwistdProxy]:
+        """Started on entry, stopped on exit."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+
+def _get(port: int, url: str) -> tuple[int, dict[str, str], bytes]:
+    """GET ``url`` through the proxy at ``port``; raises if the body is cut short."""
+    connection = http.client.HTTPConnection(HOST, port, timeout=DEADLINE)
+    try:
+        connection.request("GET", url)
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, dict(response.getheaders()), body
+    finally:
+        connection.close()
+
+
+def _body_files(cache_dir: Path) -> list[Path]:
+    """The bodies diskcache keeps as files of their own (``*/*/*.val``)."""
+    return sorted(
+        path for path in cache_dir.glob("*/*/*.val") if path.parts[-3] != "tmp"
+    )
+
+
+def _big_body(size: int) -> bytes:
+    """``size`` bytes that are not one repeated byte, so a misplaced piece shows."""
+    block = bytes(range(256)) * 4096
+    return (block * (size // len(block) + 1))[:size]
+
+
+class _Slow(http.server.BaseHTTPRequestHandler):
+    """Serves a 50 MB body in 256 KiB chunks; the first time it stops half-way
+    until ``release`` is set (or the client goes away)."""
+
+    protocol_version = "HTTP/1.1"
+    size = 50 * MB
+    body = b""
+    hits = 0
+    stall_at = 10 * MB
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        cls = type(self)
+        cls.hits += 1
+        first = cls.hits == 1
+        self.send_response(200)
+        self.send_header("Cache-Control", "max-age=600")
+        self.send_header("Content-Length", str(cls.size))
+        self.end_headers()
+        step = 256 * 1024
+        try:
+            for offset in range(0, cls.size, step):
+                if first and offset == cls.stall_at:
+                    cls.release.wait(DEADLINE)
+                self.wfile.write(cls.body[offset : offset + step])
+        except OSError:
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def slow_origin() -> Iterator[str]:
+    """The 50 MB origin, in a thread (the test blocks the reactor's thread)."""
+    _Slow.hits = 0
+    _Slow.body = _big_body(_Slow.size)
+    _Slow.release = threading.Event()
+    origin = http.server.ThreadingHTTPServer((HOST, 0), _Slow)
+    origin.daemon_threads = True
+    thread = threading.Thread(target=origin.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://{HOST}:{origin.server_address[1]}"
+    _Slow.release.set()
+    origin.shutdown()
+    origin.server_close()
+
+
+def _wait_until(predicate, what: str, timeout: float = DEADLINE) -> None:
+    """Poll ``predicate`` until it holds, at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.02)
+
+
+def _read_until(port: int, url: str, count: int) -> http.client.HTTPConnection:
+    """Start a GET through the proxy and read at least ``count`` body bytes; the
+    connection is returned open, its transfer under way."""
+    connection = http.client.HTTPConnection(HOST, port, timeout=DEADLINE)
+    connection.request("GET", url)
+    response = connection.getresponse()
+    assert response.status == 200
+    received = 0
+    while received < count:
+        chunk = response.read1(1 << 16)
+        assert chunk, "the body ended early"
+        received += len(chunk)
+    return connection
+
+
+def _partial_bodies(cache_dir: Path) -> list[Path]:
+    return [p for p in (cache_dir / "tmp").iterdir() if p.is_file()]
+
+
+def test_sigkill_while_storing_leaves_a_miss_not_a_truncated_hit(
+    tmp_path: Path, slow_origin: str
+):
+    """SIGKILL mid-store of 50 MB: restart cleans tmp/ and the URL is a whole miss."""
+    url = slow_origin + "/big.iso"
+    proxy = TwistdProxy(tmp_path)
+    port = proxy.start()
+    transfer = None
+    try:
+        transfer = _read_until(port, url, 8 * MB)
+        _wait_until(
+            lambda: any(
+                p.stat().st_size >= 8 * MB for p in _partial_bodies(proxy.cache_dir)
+            ),
+            "the partial body reached the disk",
+        )
+    finally:
+        proxy.kill()
+        if transfer is not None:
+            transfer.close()
+    assert _partial_bodies(proxy.cache_dir), "a partial body should be left behind"
+    _Slow.release.set()
+
+    with proxy.running():
+        assert _partial_bodies(proxy.cache_dir) == []
+        status, headers, body = _get(proxy.port, url)
+        assert status == 200
+        assert headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+        assert body == _Slow.body
+        assert _Slow.hits == 2
+        status, headers, body = _get(proxy.port, url)
+        assert headers["Cache-Status"].startswith("cacheproxy; hit")
+        assert body == _Slow.body
+        assert _Slow.hits == 2
+    assert "Traceback" not in proxy.output()
+    store = Store.open_existing(str(proxy.cache_dir))
+    try:
+        (entry,) = store.lookup(cache_key(url.encode()))
+        assert entry.body_length == _Slow.size
+    finally:
+        store.close()
+
+
+def test_sigkill_after_storing_keeps_a_complete_hit(tmp_path: Path, slow_origin: str):
+    """A body committed before a SIGKILL is a complete hit after the restart."""
+    _Slow.release.set()
+    url = slow_origin + "/kept.iso"
+    proxy = TwistdProxy(tmp_path)
+    port = proxy.start()
+    try:
+        status, headers, body = _get(port, url)
+        assert headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+    finally:
+        proxy.kill()
+    with proxy.running():
+        status, headers, body = _get(proxy.port, url)
+    assert status == 200
+    assert headers["Cache-Status"].startswith("cacheproxy; hit")
+    assert body == _Slow.body
+    assert _Slow.hits == 1
+    assert "Traceback" not in proxy.output()
+
+
+class _Counting(http.server.BaseHTTPRequestHandler):
+    """Serves a 1 MiB cacheable body (past the memory tier's per-item limit)."""
+
+    protocol_version = "HTTP/1.1"
+    body = _big_body(MB)
+    hits = 0
+
+    def do_GET(self) -> None:
+        type(self).hits += 1
+        self.send_response(200)
+        self.send_header("Cache-Control", "max-age=600")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def counting_origin() -> Iterator[str]:
+    _Counting.hits = 0
+    origin = http.server.ThreadingHTTPServer((HOST, 0), _Counting)
+    origin.daemon_threads = True
+    thread = threading.Thread(target=origin.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://{HOST}:{origin.server_address[1]}"
+    origin.shutdown()
+    origin.server_close()
+
+
+def _delete(path: Path) -> None:
+    path.unlink()
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _grow(path: Path) -> None:
+    with path.open("ab") as file:
+        file.write(b"extra bytes")
+
+
+def _empty(path: Path) -> None:
+    os.truncate(path, 0)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_delete, _truncate, _grow, _empty],
+    ids=["deleted", "truncated", "grown", "emptied"],
+)
+def test_damaged_body_file_is_a_miss(tmp_path: Path, counting_origin: str, damage):
+    """A body file changed behind the proxy's back is a miss, fetched and stored."""
+    url = counting_origin + "/file.bin"
+    with TwistdProxy(tmp_path).running() as proxy:
+        status, headers, body = _get(proxy.port, url)
+        assert headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+        status, headers, body = _get(proxy.port, url)
+        assert headers["Cache-Status"].startswith("cacheproxy; hit")
+        (stored,) = _body_files(proxy.cache_dir)
+        damage(stored)
+        status, headers, body = _get(proxy.port, url)
+        assert status == 200
+        assert body == _Counting.body
+        assert _Counting.hits == 2
+        assert headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+        status, headers, body = _get(proxy.port, url)
+        assert headers["Cache-Status"].startswith("cacheproxy; hit")
+        assert body == _Counting.body
+    assert _Counting.hits == 2
+    assert "Traceback" not in proxy.output()

@@ -64,12 +64,20 @@ class _MovingDisk(diskcache.Disk):  # type: ignore[misc]
         if not (read and isinstance(value, _ReceivedBody)):
             return super().store(value, read, key=key)
         filename, full_path = self.filename(key, value)
-        os.makedirs(os.path.dirname(full_path), exist_ok=True)
-        try:
-            os.rename(value.path, full_path)
-        except FileNotFoundError:
-            # Another opener of this directory cleaned tmp/ meanwhile; the open
-            # handle still reads the unlinked file, so copy from it instead.
+        for _ in range(10):
+            try:
+                # diskcache removes emptied directories (Disk.remove), so another
+                # thread may take this one away between creating and using it.
+                os.makedirs(os.path.dirname(full_path), exist_ok=True)
+                os.rename(value.path, full_path)
+                break
+            except FileNotFoundError:
+                if not os.path.exists(value.path):
+                    # Another opener of this directory cleaned tmp/ meanwhile; the
+                    # open handle still reads the unlinked file: copy from it.
+                    value.file.seek(0)
+                    return super().store(value.file, read, key=key)
+        else:
             value.file.seek(0)
             return super().store(value.file, read, key=key)
         return os.path.getsize(full_path), diskcache.core.MODE_BINARY, filename, None

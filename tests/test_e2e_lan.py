@@ -8,7 +8,7 @@ import re
 import signal
 
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 
 from cacheproxy import cli
 from tests.conftest import RunningProxy, start_proxy
@@ -181,3 +181,31 @@ async def test_cacheproxy_stats_reads_what_the_proxy_counted(
         await running.service.stopService()
     assert cli.main(["stats", "--cache-dir", str(running.cache_dir)]) == 0
     assert "hits/misses: 1/1" in capsys.readouterr().out
+
+
+@pytest_twisted.ensureDeferred
+async def test_command_works_beside_a_running_proxy(origin: Origin, tmp_path, capsys):
+    """`cacheproxy ls` and `purge` work on the cache dir of a running proxy, and the
+    proxy sees the purge within about a second (its memory tier's refresh)."""
+    url = origin.static("/beside", b"b", {"Cache-Control": "max-age=300"})
+    running = await start_proxy(tmp_path)
+    try:
+        await fetch(running.port, "GET", url)
+        cache_dir = str(running.cache_dir)
+        assert cli.main(["ls", "--cache-dir", cache_dir]) == 0
+        assert url in capsys.readouterr().out
+        assert cli.main(["purge", url, "--cache-dir", cache_dir]) == 0
+        statuses: list[str] = []
+
+        async def refetched() -> bool:
+            response = await fetch(running.port, "GET", url)
+            statuses.append(response.header("Cache-Status"))
+            return statuses[-1].startswith("cacheproxy; fwd=miss")
+
+        deadline = reactor.seconds() + 5
+        while not await refetched():
+            assert reactor.seconds() < deadline, statuses
+            await task.deferLater(reactor, 0.2, lambda: None)
+    finally:
+        await running.service.stopService()
+    assert origin.count("/beside") == 2

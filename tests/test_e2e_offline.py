@@ -9,6 +9,7 @@ import pytest_twisted
 from twisted.python import usage
 from twisted.web import server
 
+from cacheproxy import cli
 from cacheproxy.options import Options
 from tests.conftest import start_proxy
 from tests.support import Origin, fetch, send_raw
@@ -117,3 +118,33 @@ def test_record_and_offline_exclude_each_other():
     """--record with --offline is a usage error."""
     with pytest.raises(usage.UsageError, match="exclude"):
         Options().parseOptions(["--record", "--offline"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_recording_moves_between_machines_as_har(origin: Origin, tmp_path):
+    """Export a recording, import it into an empty cache, replay it offline exactly."""
+    demo = _demo(origin)
+    recording = await start_proxy(tmp_path / "laptop-a", record=True)
+    try:
+        for url, _ in demo.values():
+            await fetch(recording.port, "GET", url, {"Accept-Language": "en"})
+    finally:
+        await recording.service.stopService()
+    har = tmp_path / "demo.har"
+    source = str(tmp_path / "laptop-a" / "cache")
+    target = str(tmp_path / "laptop-b" / "cache")
+    assert cli.main(["export", str(har), "--cache-dir", source]) == 0
+    assert cli.main(["import", str(har), "--cache-dir", target]) == 0
+    seen = sum(len(v) for v in origin.requests.values())
+    replay = await start_proxy(tmp_path / "laptop-b", offline=True)
+    try:
+        replies = {
+            path: await fetch(replay.port, "GET", url, {"Accept-Language": "en"})
+            for path, (url, _) in demo.items()
+        }
+    finally:
+        await replay.service.stopService()
+    for path, (_, body) in demo.items():
+        assert replies[path].status == 200, path
+        assert replies[path].body == body, path
+    assert sum(len(v) for v in origin.requests.values()) == seen

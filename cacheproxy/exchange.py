@@ -94,6 +94,11 @@ class Proxy:
     @ivar via: this proxy's ``Via`` member (RFC 9110 section 7.6.3).
     @ivar revalidating: body ids of stored responses being revalidated in the
         background, so that each is revalidated once at a time.
+    @ivar memory: the memory tier (hot small bodies, URL snapshots).
+    @ivar flights: misses being fetched that identical misses may join, by key.
+    @ivar stats: counters for the status page and /metrics.
+    @ivar info: what the status page says about this proxy.
+    @ivar active: requests in flight (graceful shutdown waits for them).
     """
 
     def __init__(
@@ -187,7 +192,9 @@ class Proxy:
         time per URL however many requests ask (annotated with the refresh rules)."""
         pending = self._reading.get(key)
         if pending is None:
-            pending = self._reading[key] = defer.ensureDeferred(self._read(key))
+            pending = defer.ensureDeferred(self._read(key))
+            if not pending.called:
+                self._reading[key] = pending
         result: defer.Deferred[Sequence[Entry]] = defer.Deferred()
 
         def deliver(value: Sequence[Entry] | Failure) -> Sequence[Entry] | Failure:
@@ -209,7 +216,7 @@ class Proxy:
             self.memory.remember(key, entries, now)
             return entries
         finally:
-            del self._reading[key]
+            self._reading.pop(key, None)
 
     def exchange_started(self) -> None:
         """Count a request in flight."""

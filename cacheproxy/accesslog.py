@@ -81,6 +81,8 @@ def _quoted(value: bytes) -> str:
 def _token(value: bytes) -> str:
     """A log field from raw bytes; spaces and control characters are escaped."""
     text = value.decode("latin-1")
+    if text.isascii() and text.isprintable() and " " not in text:
+        return text or "-"
     return "".join(c if " " < c < "\x7f" else f"%{ord(c):02X}" for c in text) or "-"
 
 

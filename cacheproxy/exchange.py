@@ -121,6 +121,7 @@ class Proxy:
         self.revalidating: set[str] = set()
         self.memory = MemoryTier(config.memory_cache)
         self.flights: dict[str, Flight] = {}
+        self._allowed: dict[str, bool] = {}
         self._reading: dict[str, defer.Deferred[Sequence[Entry]]] = {}
         self.active = 0
         self.stats = Stats(reactor.seconds())
@@ -217,6 +218,15 @@ class Proxy:
             return entries
         finally:
             self._reading.pop(key, None)
+
+    def allows(self, client: str) -> bool:
+        """Whether ``client`` is inside ``--allow`` (remembered per address)."""
+        allowed = self._allowed.get(client)
+        if allowed is None:
+            if len(self._allowed) > 4096:
+                self._allowed.clear()
+            allowed = self._allowed[client] = is_allowed(client, self.config.allow)
+        return allowed
 
     def exchange_started(self) -> None:
         """Count a request in flight."""
@@ -391,7 +401,7 @@ class Exchange:
 
     def _admitted(self) -> bool:
         """Refuse clients outside ``--allow`` and forwarding loops."""
-        if not is_allowed(self.client, self.proxy.config.allow):
+        if not self.proxy.allows(self.client):
             self.fail(403, f"access denied: {self.client} may not use this proxy")
             return False
         pseudonym = self.proxy.pseudonym.encode("ascii").lower()

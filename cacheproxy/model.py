@@ -9,7 +9,6 @@ Rules of this module:
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -239,10 +238,8 @@ def is_loopback(client: str) -> bool:
     return is_allowed(client, (DEFAULT_ALLOW[0], DEFAULT_ALLOW[1]))
 
 
-@functools.lru_cache(maxsize=4096)
 def is_allowed(client: str, networks: tuple[Network, ...]) -> bool:
-    """Whether the client address lies in one of ``networks`` (a LAN has few
-    clients, so the answers are remembered)."""
+    """Whether the client address lies in one of ``networks``."""
     try:
         address = ipaddress.ip_address(client.split("%", 1)[0])
     except ValueError:

@@ -295,6 +295,7 @@ def _split_authority(authority: str) -> tuple[str, str]:
     return host, port.lstrip("0") if port else port
 
 
+@functools.lru_cache(maxsize=4096)
 def cache_key(url: bytes) -> str:
     """The normalised absolute http(s) URL that names a stored response.
 

@@ -9,9 +9,10 @@ Rules of this module:
 - Coherence: this process tells the tier of every change it makes to the store
   (commit, 304 update, invalidation, purge): the URL's snapshot is dropped.  Changes
   made by other processes on the same cache directory (other workers, the
-  ``cacheproxy`` command) are seen within ``ttl`` seconds: a snapshot older than
-  that is read again from the store before it is used.  A body never changes under
-  its id, so bodies need no such check.
+  ``cacheproxy`` command) are seen within ``2 * ttl`` seconds (one second): a
+  snapshot older than ``ttl`` is read again from the store behind the request
+  that finds it, and one older than ``2 * ttl`` before the request is answered.
+  A body never changes under its id, so bodies need no such check.
 - It imports only the standard library and L{cacheproxy.model}; no I/O at all.
 """
 
@@ -36,7 +37,7 @@ class MemoryTier:
 
     SNAPSHOT_SHARE = 8
 
-    def __init__(self, capacity: int, max_item: int = 256 * 1024, ttl: float = 1.0):
+    def __init__(self, capacity: int, max_item: int = 256 * 1024, ttl: float = 0.5):
         self.capacity = capacity
         self.max_item = max_item
         self.ttl = ttl
@@ -63,12 +64,19 @@ class MemoryTier:
     def last_snapshot(
         self, key: str, now: float
     ) -> tuple[tuple[Entry, ...], bool] | None:
-        """The URL's variants as last read, and whether that was within ``ttl``."""
+        """The URL's variants as last read, and whether that was within ``ttl``.
+
+        A snapshot older than twice ``ttl`` is not returned at all: only a URL in
+        steady use may be answered from a snapshot while it is read again behind.
+        """
         slot = self._snapshots.get(key)
         if slot is None:
             return None
+        age = now - slot[0]
+        if age > 2 * self.ttl:
+            return None
         self._snapshots.move_to_end(key)
-        return slot[1], now - slot[0] <= self.ttl
+        return slot[1], age <= self.ttl
 
     def remember(self, key: str, entries: Sequence[Entry], now: float) -> None:
         """Keep the URL's variants as just read from the store."""

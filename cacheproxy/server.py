@@ -660,6 +660,9 @@ def _check_framing(head: RequestHead) -> None:
     framing; section 6.3: a request whose final transfer coding is not chunked
     cannot be delimited.  Either is answered 400 and the connection closed.
     """
+    if len(header_values(head.headers, b"host")) > 1:
+        # RFC 9112 section 3.2: more than one Host field line is a 400.
+        raise RequestRejected(400, "more than one Host header field")
     codings = header_list(head.headers, b"transfer-encoding")
     if not codings:
         return

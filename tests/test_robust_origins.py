@@ -4,6 +4,7 @@ origin again."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest_twisted
@@ -244,3 +245,30 @@ async def test_stale_if_error_covers_a_reset_before_the_response(tmp_path):
         "cacheproxy; fwd=stale; detail=stale-if-error"
     )
     assert len(raw.requests) >= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_origin_that_never_accepts_is_504(tmp_path):
+    """An origin whose accept queue is full never completes the TCP handshake:
+    after --origin-timeout the client gets 504, and nothing is stored."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    # Fill the accept queue without accepting: further SYNs go unanswered.
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    running = await start_proxy(tmp_path, origin_timeout=0.5)
+    try:
+        response = await fetch(running.port, "GET", f"http://127.0.0.1:{port}/x")
+    finally:
+        await running.service.stopService()
+        for filler in fillers:
+            filler.close()
+        listener.close()
+    assert response.status == 504
+    assert not list((running.cache_dir / "tmp").iterdir())

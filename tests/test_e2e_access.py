@@ -129,11 +129,20 @@ async def test_connect_tunnel_carries_bytes_both_ways(tmp_path):
         await client.gone
         await wait_for(lambda: len(factory.closed) == 1)
         await wait_for(lambda: "TCP_TUNNEL/200" in _log(running), timeout=3)
+        (metrics,) = await send_raw(
+            running.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
     finally:
         await running.service.stopService()
         await echo.stopListening()
     line = next(x for x in _log(running).splitlines() if "TCP_TUNNEL" in x)
     assert int(line.split()[4]) == 2 * (11 + len(payload))
+    tunnelled = [
+        float(row.split()[-1])
+        for row in metrics.body.decode().splitlines()
+        if row.startswith("cacheproxy_tunnel_bytes_total ")
+    ]
+    assert tunnelled == [2 * (11 + len(payload))]
     assert f"CONNECT 127.0.0.1:{port}" in line
 
 

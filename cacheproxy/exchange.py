@@ -122,6 +122,7 @@ class Proxy:
         self.memory = MemoryTier(config.memory_cache)
         self.flights: dict[str, Flight] = {}
         self._allowed: dict[str, bool] = {}
+        self.store_health = StoreHealth()
         self._reading: dict[str, defer.Deferred[Sequence[Entry]]] = {}
         self.active = 0
         self.stats = Stats(reactor.seconds())
@@ -271,6 +272,34 @@ def _shown_options(config: Config) -> tuple[tuple[str, str], ...]:
         ("offline", "on" if config.offline else "off"),
         ("record", "on" if config.record else "off"),
     )
+
+
+class StoreHealth:
+    """Tells the log once when storing starts failing (a full disk, say) and once
+    when it works again, instead of once per response.
+
+    @ivar failing: the last attempt to store failed.
+    """
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def failed(self, what: str, error: OSError) -> None:
+        """An attempt to store failed; the response is still relayed."""
+        if not self.failing:
+            self.failing = True
+            log.warn(
+                "cannot store responses ({what}: {error}); relaying them without "
+                "storing until the store works again",
+                what=what,
+                error=error,
+            )
+
+    def succeeded(self) -> None:
+        """A body was stored."""
+        if self.failing:
+            self.failing = False
+            log.info("storing responses again")
 
 
 class OriginUnreachable(Exception):
@@ -1043,6 +1072,7 @@ class Exchange:
             self.proxy.config.max_object_size,
             memory.max_item if memory.enabled else -1,
             flight,
+            self.proxy.store_health,
         )
         response.deliverBody(receiver)
         complete = await receiver.done
@@ -1094,10 +1124,15 @@ class Exchange:
         )
         try:
             stored = await self.proxy.in_thread(sink.commit, entry)
+        except OSError as error:
+            self.proxy.store_health.failed("committing a body", error)
+            sink.abort()
+            return False
         except Exception:
             log.failure("storing {url} failed", url=entry.url)
             sink.abort()
             return False
+        self.proxy.store_health.succeeded()
         self.proxy.memory.forget(self.key)
         if small is not None:
             self.proxy.memory.keep_body(stored.body_id, small)
@@ -1121,6 +1156,9 @@ class Exchange:
             return None
         try:
             return self.proxy.store.begin(self.key)
+        except OSError as error:
+            self.proxy.store_health.failed("starting a body", error)
+            return None
         except Exception:
             log.failure("cannot start storing {key}", key=self.key)
             return None
@@ -1285,9 +1323,11 @@ class _OriginBody(Protocol):
         limit: int,
         keep: int = -1,
         flight: Flight | None = None,
+        health: StoreHealth | None = None,
     ):
         self._client = client
         self._flight = flight
+        self._health = health
         self._sink = sink
         self._length = length
         self._limit = limit
@@ -1335,8 +1375,9 @@ class _OriginBody(Protocol):
             if flight is not None and flight.followers:
                 sink.flush()
                 flight.progress(sink.size)
-        except OSError:
-            log.failure("cannot write a body to the store")
+        except OSError as error:
+            if self._health is not None:
+                self._health.failed("writing a body", error)
             self.oversize = True
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

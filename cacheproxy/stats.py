@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -167,6 +167,7 @@ class Stats:
     def __init__(self, started: float, *, recent: int = 20) -> None:
         self.started = started
         self.requests = 0
+        self._request_counters: dict[tuple[str, bytes], Any] = {}
         self.hits = 0
         self.misses = 0
         self.bytes_from_cache = 0
@@ -206,9 +207,14 @@ class Stats:
         self._recent.append(
             Recent(now, client, code, status, method, url[:2048], bytes_sent)
         )
-        m = self._metrics
-        m.requests.labels(code, method_label(method)).inc()
-        m.duration.observe(max(0.0, elapsed))
+        # Looking a labelled child up costs more than counting: keep them.
+        child = self._request_counters.get((code, method))
+        if child is None:
+            child = self._metrics.requests.labels(code, method_label(method))
+            if len(self._request_counters) < 1024:
+                self._request_counters[(code, method)] = child
+        child.inc()
+        self._metrics.duration.observe(max(0.0, elapsed))
 
     def origin_error(self) -> None:
         """Count an origin that could not be reached, timed out or broke off."""

@@ -1434,7 +1434,7 @@ def _plan_body(
         pieces.append((part.start, part.end - part.start + 1))
     pieces.append(policy.multipart_end(boundary))
     fields = without_headers(headers, frozenset({b"content-type"})) + (
-        (b"Content-Type", b"multipart/byteranges; boundary=" + boundary),
+        (b"Content-Type", policy.multipart_content_type(boundary)),
     )
     total = policy.multipart_length(boundary, content_type, ranges, length)
     return _BodyPlan(206, b"Partial Content", fields, total, tuple(pieces))

@@ -259,10 +259,8 @@ def lifetime_with_rules(
     first matching rule's L{heuristic_lifetime}, else the default heuristic of
     L{cacheproxy.policy.entry_lifetime} capped at ``heuristic_cap``.
     """
-    rule = _applicable_rule(entry.response, _url(entry), rules)
-    if rule is None:
-        return entry_lifetime(entry, heuristic_cap=heuristic_cap)
-    return heuristic_lifetime(rule, entry.response, entry.response_time)
+    # The same path the proxy takes: annotate with the rules, then ask the policy.
+    return entry_lifetime(with_rules(entry, rules), heuristic_cap=heuristic_cap)
 
 
 def is_immutable_match(entry: Entry, rules: Sequence[RefreshRule]) -> bool:
@@ -280,24 +278,6 @@ def is_immutable_match(entry: Entry, rules: Sequence[RefreshRule]) -> bool:
         return False
     rule = _applicable_rule(entry.response, _url(entry), rules)
     return rule is not None and rule.immutable
-
-
-def makes_storable(
-    response: ResponseHead, url: str, rules: Sequence[RefreshRule]
-) -> bool:
-    """Whether a rule vouches for storing ``response`` to the normalised ``url``.
-
-    Conservative on purpose: only a 200 without explicit freshness, which RFC 9111
-    section 3 already lets a cache store (heuristically cacheable, RFC 9110
-    section 15.1), and never against the origin's no-store or unqualified private
-    (RFC 9111 sections 5.2.2.5, 5.2.2.7). A rule never widens what section 3
-    allows; it tells the caller that a response without validators is still worth
-    keeping because it will be served again.
-    """
-    cc = cache_control(response.headers)
-    if "no-store" in cc or ("private" in cc and not cc["private"]):
-        return False
-    return _applicable_rule(response, url, rules) is not None
 
 
 def with_rules(entry: Entry, rules: Sequence[RefreshRule]) -> Entry:

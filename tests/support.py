@@ -86,6 +86,7 @@ class Origin:
         default_factory=lambda: collections.defaultdict(list)
     )
     port: Any = None
+    connections: int = 0
 
     def route(self, path: str, handler: Handler) -> str:
         """Serve ``path`` with ``handler``; returns the absolute URL of it."""
@@ -117,9 +118,21 @@ class Origin:
         return len(self.requests[path.split("?")[0].encode()])
 
 
+class _CountingSite(server.Site):
+    """A Site that counts the TCP connections it accepts."""
+
+    def __init__(self, origin: Origin) -> None:
+        super().__init__(_Root(origin))
+        self._origin = origin
+
+    def buildProtocol(self, addr: Any) -> Any:
+        self._origin.connections += 1
+        return super().buildProtocol(addr)
+
+
 def start_origin() -> Origin:
     origin = Origin()
-    site = server.Site(_Root(origin))
+    site = _CountingSite(origin)
     site.noisy = False
     origin.port = reactor.listenTCP(0, site, interface="127.0.0.1")
     return origin

@@ -59,6 +59,7 @@ async def test_recorded_demo_replays_offline(origin: Origin, tmp_path):
     finally:
         await recording.service.stopService()
     seen = sum(len(v) for v in origin.requests.values())
+    connected = origin.connections
     offline = await start_proxy(tmp_path, offline=True)
     try:
         replies = {
@@ -85,6 +86,7 @@ async def test_recorded_demo_replays_offline(origin: Origin, tmp_path):
     assert post.status == 504
     # Nothing reached the origin while offline.
     assert sum(len(v) for v in origin.requests.values()) == seen
+    assert origin.connections == connected
 
 
 @pytest_twisted.ensureDeferred
@@ -136,6 +138,7 @@ async def test_recording_moves_between_machines_as_har(origin: Origin, tmp_path)
     assert cli.main(["export", str(har), "--cache-dir", source]) == 0
     assert cli.main(["import", str(har), "--cache-dir", target]) == 0
     seen = sum(len(v) for v in origin.requests.values())
+    connected = origin.connections
     replay = await start_proxy(tmp_path / "laptop-b", offline=True)
     try:
         replies = {
@@ -148,3 +151,4 @@ async def test_recording_moves_between_machines_as_har(origin: Origin, tmp_path)
         assert replies[path].status == 200, path
         assert replies[path].body == body, path
     assert sum(len(v) for v in origin.requests.values()) == seen
+    assert origin.connections == connected

@@ -20,7 +20,6 @@ from cacheproxy.refresh import (
     is_explicitly_fresh,
     is_immutable_match,
     lifetime_with_rules,
-    makes_storable,
     matching_rule,
     parse_refresh_pattern,
 )
@@ -563,35 +562,6 @@ def test_builtin_package_rules_are_immutable(url: str):
 def test_builtin_index_rules_are_not_immutable(url: str):
     """Index files under the built-ins still honour a client's no-cache."""
     assert not is_immutable_match(stored(url), builtin_rules())
-
-
-# --- Storing --------------------------------------------------------------------
-
-STORABLE = [
-    pytest.param(DEB, (), 200, True, id="matching-200"),
-    pytest.param("http://ex.com/a", (), 200, False, id="no-rule"),
-    pytest.param(DEB, (), 404, False, id="404"),
-    pytest.param(DEB, (), 302, False, id="302"),
-    pytest.param(DEB, ((b"Cache-Control", b"no-store"),), 200, False, id="no-store"),
-    pytest.param(DEB, ((b"Cache-Control", b"private"),), 200, False, id="private"),
-    pytest.param(
-        DEB,
-        ((b"Cache-Control", b'private="Set-Cookie"'),),
-        200,
-        True,
-        id="qualified-private",
-    ),
-    pytest.param(
-        DEB, ((b"Cache-Control", b"max-age=60"),), 200, False, id="explicit-freshness"
-    ),
-]
-
-
-@pytest.mark.parametrize(("url", "headers", "status", "expected"), STORABLE)
-def test_makes_storable(url: str, headers: Headers, status: int, expected: bool):
-    """Only a 200 without explicit freshness or no-store/private is vouched for."""
-    response = ok(*headers, status=status)
-    assert makes_storable(response, url, RULES) is expected
 
 
 # --- Layering -----------------------------------------------------------------

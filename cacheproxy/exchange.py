@@ -14,6 +14,7 @@ Rules of this module:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 import socket
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from zope.interface import implementer
 from cacheproxy import __version__, pages, policy
 from cacheproxy.accesslog import AccessLog, combined_line, squid_line
 from cacheproxy.collapse import Flight, Shared, Tail
-from cacheproxy.memory import MemoryTier
+from cacheproxy.memory import Hot, MemoryTier
 from cacheproxy.model import (
     Config,
     Entry,
@@ -72,6 +73,10 @@ _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
 # Framing fields: the proxy frames every message it sends itself.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _AGE = frozenset({b"age"})
+_HOT_METHODS = frozenset({b"GET", b"HEAD"})
+# Request fields that take a request off the hot path: those that change the
+# cache's decision, and Via (loop detection).
+_NOT_HOT = policy.PLAIN_EXCLUDED | {b"via"}
 _CACHE_STATUS = frozenset({b"cache-status"})
 # A revalidation asks for the whole representation, whatever part the client wants.
 _RANGE = frozenset({b"range", b"if-range"})
@@ -119,7 +124,9 @@ class Proxy:
         self.pseudonym = pseudonym
         self.via = b"1.1 " + pseudonym.encode("ascii")
         self.revalidating: set[str] = set()
-        self.memory = MemoryTier(config.memory_cache)
+        self.memory = MemoryTier(
+            config.memory_cache, heuristic_cap=config.heuristic_cap
+        )
         self.flights: dict[str, Flight] = {}
         self._allowed: dict[str, bool] = {}
         self.store_health = StoreHealth()
@@ -141,6 +148,14 @@ class Proxy:
     ) -> None:
         """Answer one request that arrived on ``channel`` through ``writer``."""
         exchange = Exchange(self, request, body, writer, channel.client, channel.local)
+        try:
+            if exchange.serve_hot():
+                return
+        except Exception:
+            log.failure("error on the hot path for {url}", url=request.target[:200])
+            if writer.started:
+                writer.abort()
+                return
         defer.ensureDeferred(exchange.run())
 
     def reject(
@@ -362,6 +377,77 @@ class Exchange:
             self.log_access()
             self.proxy.exchange_ended()
 
+    def serve_hot(self) -> bool:
+        """The hot path: a plain GET or HEAD whose fresh response is whole in the
+        memory tier is answered here and now, with no coroutine and no thread;
+        False, having sent nothing, for anything else (L{run} then answers).
+
+        It answers as L{run} would: it makes the same checks or declines, and
+        L{policy.plain_reuse} gives L{policy.decide}'s verdict for a plain request.
+        """
+        request = self.request
+        proxy = self.proxy
+        if (
+            request.method not in _HOT_METHODS
+            or self.body.present
+            or proxy.config.offline
+            or not proxy.memory.enabled
+            or request.target[:7].lower() != b"http://"
+            or not proxy.allows(self.client)
+        ):
+            return False
+        for name, _ in request.headers:
+            if name.lower() in _NOT_HOT:
+                return False
+        try:
+            key = policy.cache_key(request.target)
+        except ValueError:
+            return False
+        now = proxy.reactor.seconds()
+        found = proxy.memory.last_snapshot(key, now)
+        if found is None or not found[1] or self._is_own_address(*_host_port(key)):
+            return False
+        hot = self._hot_variant(found[0])
+        if hot is None or now >= hot.reuse.fresh_until:
+            return False
+        self.key = key
+        self.code = "TCP_MEM_HIT"
+        self.content_type = hot.content_type
+        response = hot.entry.response
+        age = policy.age_field(hot.reuse.initial_age + now - hot.entry.response_time)
+        self.writer.start(
+            response.status,
+            response.reason,
+            ((b"Age", age),) + self._proxy_headers(b"hit"),
+            len(hot.body),
+            block=hot.block,
+            hold=True,
+        )
+        self.writer.write(hot.body)
+        self.writer.finish()
+        self.log_access()
+        return True
+
+    def _hot_variant(self, entries: Sequence[Entry]) -> Hot | None:
+        """The variant L{policy.select_variant} would pick, if it is a 200 whose
+        body is kept, and every variant is an ordinary (not recorded) one."""
+        best: Hot | None = None
+        for entry in entries:
+            hot = self.proxy.memory.hot(entry)
+            if hot is None or entry.recorded:
+                return None
+            if hot.reuse.vary is None or (
+                entry.vary
+                and policy.vary_values(tuple(n for n, _ in entry.vary), self.request)
+                != entry.vary
+            ):
+                continue
+            if best is None or entry.response_time > best.entry.response_time:
+                best = hot
+        if best is None or best.entry.response.status != 200:
+            return None
+        return best
+
     async def run_tunnel(self, channel: ProxyProtocol, first: bytes) -> None:
         """Splice the client with the CONNECT target; log once the tunnel closes."""
         try:
@@ -472,8 +558,7 @@ class Exchange:
         except ValueError as reason:
             self.fail(400, f"cannot proxy this URL: {reason}")
             return
-        url = urlsplit(self.key)
-        if self._is_own_address(url.hostname or "", url.port or 80):
+        if self._is_own_address(*_host_port(self.key)):
             self.fail(508, "forwarding loop: the URL points at this proxy")
             return
         if self.request.method == b"PURGE":
@@ -1490,3 +1575,10 @@ class _PieceSender:
     def _fail(self, reason: Exception) -> None:
         if not self._done.called:
             self._done.errback(reason)
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_port(key: str) -> tuple[str, int]:
+    """The host and port of a cache key (an absolute http:// URL)."""
+    url = urlsplit(key)
+    return url.hostname or "", url.port or 80

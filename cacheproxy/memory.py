@@ -13,18 +13,42 @@ Rules of this module:
   snapshot older than ``ttl`` is read again from the store behind the request
   that finds it, and one older than ``2 * ttl`` before the request is answered.
   A body never changes under its id, so bodies need no such check.
-- It imports only the standard library and L{cacheproxy.model}; no I/O at all.
+- Per kept body it also keeps what serving it needs besides the bytes (L{Hot}):
+  the encoded header block and the entry's L{policy.PlainReuse}, worked out once
+  per entry as read from the store, so a hit repeats no parsing.
+- It imports only the standard library, L{cacheproxy.model} and the pure
+  L{cacheproxy.policy}; no I/O at all.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from cacheproxy.model import Entry, ResponseHead
+from cacheproxy import policy
+from cacheproxy.model import Entry, header_value
 
 # What a snapshot or a body costs beyond its bytes: dicts, tuples, the entry.
 _OVERHEAD = 512
+
+
+@dataclass(frozen=True)
+class Hot:
+    """A kept body with everything else needed to send it.
+
+    @ivar entry: the stored entry this was worked out for (compared by identity).
+    @ivar body: the body bytes.
+    @ivar block: the stored header fields, encoded, less Age.
+    @ivar reuse: when the entry answers plain requests (L{policy.plain_reuse}).
+    @ivar content_type: the Content-Type value, for the access log.
+    """
+
+    entry: Entry
+    body: bytes
+    block: bytes
+    reuse: policy.PlainReuse
+    content_type: bytes | None
 
 
 class MemoryTier:
@@ -37,17 +61,25 @@ class MemoryTier:
 
     SNAPSHOT_SHARE = 8
 
-    def __init__(self, capacity: int, max_item: int = 256 * 1024, ttl: float = 0.5):
+    def __init__(
+        self,
+        capacity: int,
+        max_item: int = 256 * 1024,
+        ttl: float = 0.5,
+        *,
+        heuristic_cap: float = 86400.0,
+    ):
         self.capacity = capacity
         self.max_item = max_item
         self.ttl = ttl
+        self.heuristic_cap = heuristic_cap
         self._snapshot_bytes = 0
         self._body_bytes = 0
         self._snapshots: OrderedDict[str, tuple[float, tuple[Entry, ...], int]] = (
             OrderedDict()
         )
         self._bodies: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
-        self._blocks: dict[str, tuple[ResponseHead, bytes]] = {}
+        self._hot: dict[str, Hot] = {}
 
     @property
     def enabled(self) -> bool:
@@ -112,19 +144,28 @@ class MemoryTier:
         self._evict()
 
     def header_block(self, entry: Entry) -> bytes:
-        """``entry``'s stored header fields, encoded once per head and reused."""
-        cached = self._blocks.get(entry.body_id)
-        if cached is not None and cached[0] is entry.response:
-            return cached[1]
-        # Age is the one stored field that changes with every response.
-        block = b"".join(
-            b"%s: %s\r\n" % (name, value)
-            for name, value in entry.response.headers
-            if name.lower() != b"age"
+        """``entry``'s stored header fields, encoded once per entry and reused."""
+        hot = self.hot(entry)
+        return _encoded(entry) if hot is None else hot.block
+
+    def hot(self, entry: Entry) -> Hot | None:
+        """``entry`` ready to send, if its body is kept (and then kept with it)."""
+        cached = self._hot.get(entry.body_id)
+        if cached is not None and cached.entry is entry:
+            self._bodies.move_to_end(entry.body_id)
+            return cached
+        body = self.body(entry.body_id)
+        if body is None:
+            return None
+        hot = Hot(
+            entry,
+            body,
+            _encoded(entry),
+            policy.plain_reuse(entry, heuristic_cap=self.heuristic_cap),
+            header_value(entry.response.headers, b"content-type"),
         )
-        if entry.body_id in self._bodies:
-            self._blocks[entry.body_id] = (entry.response, block)
-        return block
+        self._hot[entry.body_id] = hot
+        return hot
 
     @property
     def size(self) -> int:
@@ -140,10 +181,19 @@ class MemoryTier:
         body_room = self.capacity - snapshot_room
         while self._body_bytes > body_room and self._bodies:
             body_id, (_, cost) = self._bodies.popitem(last=False)
-            self._blocks.pop(body_id, None)
+            self._hot.pop(body_id, None)
             self._body_bytes -= cost
 
 
 def _entry_cost(entry: Entry) -> int:
     """The bytes an entry's head roughly takes in memory."""
     return _OVERHEAD + sum(len(n) + len(v) + 64 for n, v in entry.response.headers)
+
+
+def _encoded(entry: Entry) -> bytes:
+    """The stored header fields as sent, less Age (the one that changes per use)."""
+    return b"".join(
+        b"%s: %s\r\n" % (name, value)
+        for name, value in entry.response.headers
+        if name.lower() != b"age"
+    )

@@ -16,6 +16,7 @@ import calendar
 import enum
 import functools
 import hashlib
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -426,26 +427,34 @@ def _age_value(headers: Headers) -> int:
     return (_delta_seconds(values[0].decode("latin-1").strip()) or 0) if values else 0
 
 
-def current_age(entry: Entry, now: float) -> float:
-    """The stored response's age at ``now``, tolerant of a skewed Date.
-
-    RFC 9111 section 4.2.3, exactly.
-    """
+def corrected_initial_age(entry: Entry) -> float:
+    """The stored response's age when it was received (RFC 9111 section 4.2.3)."""
     date_value = _first_date(entry.response.headers, b"date")
     apparent_age = (
         0.0 if date_value is None else max(0.0, entry.response_time - date_value)
     )
     response_delay = entry.response_time - entry.request_time
     corrected_age_value = _age_value(entry.response.headers) + response_delay
-    corrected_initial_age = max(apparent_age, corrected_age_value)
+    return max(apparent_age, corrected_age_value)
+
+
+def current_age(entry: Entry, now: float) -> float:
+    """The stored response's age at ``now``, tolerant of a skewed Date.
+
+    RFC 9111 section 4.2.3, exactly.
+    """
     resident_time = now - entry.response_time
-    return corrected_initial_age + resident_time
+    return corrected_initial_age(entry) + resident_time
 
 
 def age_header_value(entry: Entry, now: float) -> bytes:
     """The Age field value to send with a stored response (RFC 9111 section 5.1)."""
-    age = int(max(0.0, current_age(entry, now)))
-    return str(min(age, MAX_DELTA_SECONDS)).encode("ascii")
+    return age_field(current_age(entry, now))
+
+
+def age_field(age: float) -> bytes:
+    """An age in seconds as an Age field value (RFC 9111 section 5.1)."""
+    return b"%d" % min(int(max(0.0, age)), MAX_DELTA_SECONDS)
 
 
 def is_fresh(entry: Entry, now: float, *, heuristic_cap: float = 86400.0) -> bool:
@@ -798,6 +807,61 @@ def _verdict(
     if _stale_allowed(req_cc, cc, age - lifetime):
         return Verdict(Action.SERVE, entry, True, "max-stale")
     return Verdict(Action.REVALIDATE, entry, True, "stale")
+
+
+@dataclass(frozen=True)
+class PlainReuse:
+    """How a stored response answers a *plain* request, worked out once.
+
+    A plain request is a GET or HEAD with none of the fields that change the
+    decision: no Cache-Control, Pragma, preconditions, Range or Authorization
+    (L{PLAIN_EXCLUDED}).  For such a request L{decide} reduces to "serve while
+    ``now < fresh_until``" (RFC 9111 sections 4.2 and 4.2.3, rearranged: age =
+    ``initial_age + now - response_time`` stays below the lifetime), so a hot
+    path may serve the entry without deciding anew each time.
+
+    @ivar fresh_until: the clock value at which the entry turns stale; minus
+        infinity when it must always be validated (unqualified no-cache) or
+        withholds fields until validated (qualified no-cache).
+    @ivar initial_age: L{corrected_initial_age}, for the Age field.
+    @ivar vary: the entry's Vary field names; None for ``Vary: *``.
+    """
+
+    fresh_until: float
+    initial_age: float
+    vary: tuple[bytes, ...] | None
+
+
+PLAIN_EXCLUDED = frozenset(
+    {
+        b"cache-control",
+        b"pragma",
+        b"range",
+        b"authorization",
+        b"if-match",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-unmodified-since",
+        b"if-range",
+    }
+)
+"""Request fields whose presence makes a request not plain (L{PlainReuse})."""
+
+
+def plain_reuse(entry: Entry, *, heuristic_cap: float = 86400.0) -> PlainReuse:
+    """L{PlainReuse} for ``entry``: when it may answer plain requests unvalidated.
+
+    RFC 9111 sections 4.2 (fresh), 4.2.3 (age) and 5.2.2.4 (no-cache forces
+    validation; a qualified one withholds fields, which the hot path does not do).
+    """
+    cc = cache_control(entry.response.headers)
+    initial_age = corrected_initial_age(entry)
+    if "no-cache" in cc:
+        fresh_until = -math.inf
+    else:
+        lifetime = entry_lifetime(entry, heuristic_cap=heuristic_cap)
+        fresh_until = entry.response_time + lifetime - initial_age
+    return PlainReuse(fresh_until, initial_age, vary_names(entry.response))
 
 
 def can_serve_stale_on_error(

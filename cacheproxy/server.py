@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httptools
+from twisted.internet import tcp
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -378,6 +379,7 @@ class ProxyProtocol(Protocol):
         self.factory: ProxyFactory | None = None
         self._timer: IDelayedCall | None = None
         self._body_seen = 0.0
+        self._direct = False
 
     # -- connection ---------------------------------------------------------------
 
@@ -393,6 +395,7 @@ class ProxyProtocol(Protocol):
         self.local = (getattr(here, "host", ""), getattr(here, "port", 0))
         if hasattr(self._tcp, "setTcpNoDelay"):
             self._tcp.setTcpNoDelay(True)
+        self._direct = isinstance(self._tcp, tcp.Connection)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
@@ -573,7 +576,10 @@ class ProxyProtocol(Protocol):
     def send(self, data: bytes) -> None:
         """Write to the client if it is still connected."""
         if self.connected:
-            self._tcp.write(data)
+            if self._direct:
+                _write_now(self._tcp, data)
+            else:
+                self._tcp.write(data)
 
     def register_producer(self, producer: Any, streaming: bool) -> None:
         """Register a producer on the client transport (backpressure)."""
@@ -729,3 +735,33 @@ class ProxyFactory(Factory):
         protocol = ProxyProtocol(self.proxy)
         protocol.factory = self
         return protocol
+
+
+def _write_now(transport: tcp.Connection, data: bytes) -> None:
+    """Write ``data`` to a TCP transport, sending at once what the socket takes.
+
+    Twisted's ``write`` only queues and asks the reactor to watch for writability:
+    two epoll changes and a trip round the loop for every response.  With nothing
+    queued before it, the data may go straight to the socket instead, keeping the
+    order of bytes; what the socket does not take, and everything while anything
+    is queued, a producer is registered (Twisted drives it from its own writes)
+    or TLS is on, goes through ``write`` as usual.
+    """
+    if (
+        not transport.TLS
+        and transport.producer is None
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            # Would block, or broken: ``write`` queues it and finds out which.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)

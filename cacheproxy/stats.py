@@ -11,16 +11,27 @@ Rules of this module:
   have fixed sizes, the per-host table is pruned to its busiest hosts, and the
   Prometheus labels take values from small fixed sets.
 - Each L{Stats} has its own Prometheus registry, never the global one, so several
-  proxies can run in one process.
+  proxies can run in one process.  The registry reads the plain counters when it
+  is scraped (L{_Collector}); recording a request takes no locks.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 Source = Literal["cache", "origin", "tunnel", "proxy"]
 
@@ -45,6 +56,7 @@ def is_hit(code: str) -> bool:
     return code.endswith("_HIT") or code in _HIT_CODES
 
 
+@functools.lru_cache(maxsize=128)
 def source_of(code: str) -> Source:
     """Where the bytes of a response with this Squid code came from."""
     if is_hit(code):
@@ -56,6 +68,7 @@ def source_of(code: str) -> Source:
     return "origin"
 
 
+@functools.lru_cache(maxsize=64)
 def method_label(method: bytes) -> str:
     """The method as a bounded Prometheus label value."""
     name = method.decode("latin-1")
@@ -98,55 +111,80 @@ class Minute:
     misses: int = 0
 
 
-class _Metrics:
-    """The Prometheus side of L{Stats}, in a registry of its own."""
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0)
+"""Upper bounds of the request-duration histogram (Prometheus' defaults) below
++Inf, in seconds."""
 
-    def __init__(self, started: float) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
+
+class _Collector(Collector):
+    """The Prometheus view of a L{Stats}, built when scraped.
+
+    Counting stays plain integer arithmetic in L{Stats.record}; only a scrape
+    turns the counts into metric families, so a request pays no locks or label
+    lookups for the metrics.
+    """
+
+    def __init__(self, stats: Stats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats
+        requests = CounterMetricFamily(
             "cacheproxy_requests",
             "Finished requests by Squid result code and method.",
-            ["result", "method"],
-            registry=r,
+            labels=["result", "method"],
         )
-        self.bytes_sent = Counter(
+        for (code, method), count in sorted(stats.by_code_and_method.items()):
+            requests.add_metric([code, method], count)
+        yield requests
+        sent = CounterMetricFamily(
             "cacheproxy_bytes_sent",
             "Bytes sent to clients, by where the response came from.",
-            ["source"],
-            registry=r,
+            labels=["source"],
         )
-        for source in ("cache", "origin"):
-            self.bytes_sent.labels(source)
-        self.tunnel_bytes = Counter(
-            "cacheproxy_tunnel_bytes", "Bytes carried by CONNECT tunnels.", registry=r
+        sent.add_metric(["cache"], stats.bytes_from_cache)
+        sent.add_metric(["origin"], stats.bytes_fetched)
+        yield sent
+        yield CounterMetricFamily(
+            "cacheproxy_tunnel_bytes",
+            "Bytes carried by CONNECT tunnels.",
+            value=stats.tunnel_bytes,
         )
-        self.origin_errors = Counter(
+        yield CounterMetricFamily(
             "cacheproxy_origin_errors",
             "Origins that could not be reached, timed out or broke off.",
-            registry=r,
+            value=stats.origin_errors,
         )
-        self.duration = Histogram(
+        cumulative, buckets = 0, []
+        for bound, count in zip(
+            (*(str(b) for b in DURATION_BUCKETS), "+Inf"),
+            stats.duration_counts,
+            strict=True,
+        ):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(
             "cacheproxy_request_duration_seconds",
             "Time from a request's arrival to its last byte.",
-            registry=r,
+            buckets=buckets,
+            sum_value=stats.duration_sum,
         )
-        self.open_connections = Gauge(
-            "cacheproxy_open_connections", "Open client connections.", registry=r
+        yield GaugeMetricFamily(
+            "cacheproxy_open_connections",
+            "Open client connections.",
+            value=stats.open_connections,
         )
-        self.store_bytes = Gauge(
-            "cacheproxy_store_bytes", "Bytes the store occupies on disk.", registry=r
+        for name, doc, value in (
+            ("cacheproxy_store_bytes", "Bytes the store occupies on disk.", 0),
+            ("cacheproxy_store_entries", "Responses in the store.", 1),
+            ("cacheproxy_store_budget_bytes", "The store's disk budget.", 2),
+        ):
+            yield GaugeMetricFamily(name, doc, value=stats.store_figures[value])
+        yield GaugeMetricFamily(
+            "cacheproxy_start_time_seconds",
+            "When the proxy started.",
+            value=stats.started,
         )
-        self.store_entries = Gauge(
-            "cacheproxy_store_entries", "Responses in the store.", registry=r
-        )
-        self.store_budget = Gauge(
-            "cacheproxy_store_budget_bytes", "The store's disk budget.", registry=r
-        )
-        start = Gauge(
-            "cacheproxy_start_time_seconds", "When the proxy started.", registry=r
-        )
-        start.set(started)
 
 
 class Stats:
@@ -167,7 +205,9 @@ class Stats:
     def __init__(self, started: float, *, recent: int = 20) -> None:
         self.started = started
         self.requests = 0
-        self._request_counters: dict[tuple[str, bytes], Any] = {}
+        self.by_code_and_method: dict[tuple[str, str], int] = {}
+        self.duration_counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
         self.hits = 0
         self.misses = 0
         self.bytes_from_cache = 0
@@ -175,11 +215,14 @@ class Stats:
         self.tunnel_bytes = 0
         self.origin_errors = 0
         self.open_connections = 0
+        self.store_figures = (0, 0, 0)
         self._hosts: collections.Counter[str] = collections.Counter()
-        self._recent: collections.deque[Recent] = collections.deque(maxlen=recent)
-        self._minutes = [Minute(-1) for _ in range(MINUTES)]
-        self._metrics = _Metrics(started)
-        self.registry = self._metrics.registry
+        # Plain tuples and lists: cheap to write on every request, read rarely.
+        self._recent: collections.deque[tuple[float, str, str, int, bytes, bytes, int]]
+        self._recent = collections.deque(maxlen=recent)
+        self._minutes = [[-1, 0, 0] for _ in range(MINUTES)]
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_Collector(self))
 
     # -- write side ------------------------------------------------------------
 
@@ -204,38 +247,29 @@ class Stats:
             self._count_minute(now, hit=source == "cache")
         if host and host != "-":
             self._count_host(host)
-        self._recent.append(
-            Recent(now, client, code, status, method, url[:2048], bytes_sent)
-        )
-        # Looking a labelled child up costs more than counting: keep them.
-        child = self._request_counters.get((code, method))
-        if child is None:
-            child = self._metrics.requests.labels(code, method_label(method))
-            if len(self._request_counters) < 1024:
-                self._request_counters[(code, method)] = child
-        child.inc()
-        self._metrics.duration.observe(max(0.0, elapsed))
+        self._recent.append((now, client, code, status, method, url[:2048], bytes_sent))
+        # Both label values come from small fixed sets: codes are the proxy's own.
+        labels = (code, method_label(method))
+        self.by_code_and_method[labels] = self.by_code_and_method.get(labels, 0) + 1
+        elapsed = max(0.0, elapsed)
+        self.duration_counts[bisect.bisect_left(DURATION_BUCKETS, elapsed)] += 1
+        self.duration_sum += elapsed
 
     def origin_error(self) -> None:
         """Count an origin that could not be reached, timed out or broke off."""
         self.origin_errors += 1
-        self._metrics.origin_errors.inc()
 
     def connection_opened(self) -> None:
         """Count a client connection that opened."""
         self.open_connections += 1
-        self._metrics.open_connections.inc()
 
     def connection_closed(self) -> None:
         """Count a client connection that closed."""
         self.open_connections -= 1
-        self._metrics.open_connections.dec()
 
     def set_store(self, size: int, entries: int, budget: int) -> None:
-        """Set the store gauges (the store is asked just before rendering)."""
-        self._metrics.store_bytes.set(size)
-        self._metrics.store_entries.set(entries)
-        self._metrics.store_budget.set(budget)
+        """Set the store's figures (the store is asked just before rendering)."""
+        self.store_figures = (size, entries, budget)
 
     def _count_bytes(self, source: Source, size: int) -> None:
         if source == "cache":
@@ -246,21 +280,13 @@ class Stats:
             self.bytes_fetched += size
         elif source == "tunnel":
             self.tunnel_bytes += size
-            self._metrics.tunnel_bytes.inc(size)
-            return
-        else:
-            return
-        self._metrics.bytes_sent.labels(source).inc(size)
 
     def _count_minute(self, now: float, *, hit: bool) -> None:
         minute = int(now // 60)
-        slot = minute % MINUTES
-        old = self._minutes[slot]
-        if old.minute != minute:
-            old = Minute(minute)
-        self._minutes[slot] = Minute(
-            minute, old.hits + int(hit), old.misses + int(not hit)
-        )
+        slot = self._minutes[minute % MINUTES]
+        if slot[0] != minute:
+            slot[:] = [minute, 0, 0]
+        slot[1 if hit else 2] += 1
 
     def _count_host(self, host: str) -> None:
         self._hosts[host] += 1
@@ -287,15 +313,17 @@ class Stats:
 
     def recent(self) -> list[Recent]:
         """The last finished requests, newest first."""
-        return list(reversed(self._recent))
+        return [Recent(*recent) for recent in reversed(self._recent)]
 
     def per_minute(self, now: float) -> list[Minute]:
         """Hits and misses in each of the last 60 minutes, oldest first."""
         current = int(now // 60)
         minutes = []
         for minute in range(current - MINUTES + 1, current + 1):
-            slot = self._minutes[minute % MINUTES]
-            minutes.append(slot if slot.minute == minute else Minute(minute))
+            at, hits, misses = self._minutes[minute % MINUTES]
+            minutes.append(
+                Minute(minute, hits, misses) if at == minute else Minute(minute)
+            )
         return minutes
 
     def uptime(self, now: float) -> float:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ast
+import math
 import sys
 from email.utils import formatdate
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cacheproxy import policy
 from cacheproxy.model import Entry, Headers, RequestHead, ResponseHead
@@ -1681,3 +1684,84 @@ def test_multipart_length(
         body
     )
     assert body.count(b"--" + boundary) == len(ranges) + 1
+
+
+# -- the hot path's precomputed decision (policy.plain_reuse) --------------------
+
+_DIRECTIVES = [
+    b"max-age=0",
+    b"max-age=60",
+    b"max-age=3600",
+    b"s-maxage=30",
+    b"s-maxage=oops",
+    b"no-cache",
+    b'no-cache="set-cookie"',
+    b"must-revalidate",
+    b"public",
+    b"immutable",
+    b"stale-while-revalidate=30",
+]
+
+
+@st.composite
+def _plain_cases(draw: st.DrawFn) -> tuple[Entry, float]:
+    """A stored entry with assorted freshness fields, and a moment to decide at."""
+    headers: list[tuple[bytes, bytes]] = []
+    directives = draw(st.lists(st.sampled_from(_DIRECTIVES), max_size=3))
+    if directives:
+        headers.append((b"Cache-Control", b", ".join(directives)))
+    skew = draw(st.integers(-600, 600))
+    if draw(st.booleans()):
+        headers.append((b"Date", date(T0 + skew)))
+    if draw(st.booleans()):
+        headers.append((b"Expires", date(T0 + draw(st.integers(-600, 7200)))))
+    if draw(st.booleans()):
+        headers.append((b"Last-Modified", date(T0 - draw(st.integers(0, 10**6)))))
+    if draw(st.booleans()):
+        headers.append((b"Age", b"%d" % draw(st.integers(0, 900))))
+    delay = draw(st.integers(0, 5))
+    entry = stored(
+        *headers,
+        request_time=T0 - delay,
+        response_time=T0,
+        status=draw(st.sampled_from([200, 203, 301, 404])),
+    )
+    # Half a second off whole seconds: never exactly on the freshness boundary.
+    now = T0 + draw(st.integers(0, 10**5)) + 0.5
+    return entry, now
+
+
+@given(_plain_cases())
+@settings(max_examples=400, deadline=None)
+def test_plain_reuse_agrees_with_decide(case: tuple[Entry, float]) -> None:
+    """RFC 9111 4.2: for a plain request, plain_reuse serves exactly when decide does,
+    and its Age equals age_header_value's."""
+    entry, now = case
+    reuse = policy.plain_reuse(entry)
+    for method in (b"GET", b"HEAD"):
+        verdict = decide(get(method=method), [entry], now)
+        served = verdict.action is Action.SERVE
+        assert (now < reuse.fresh_until) == served or (
+            # A qualified no-cache is served by decide with fields held back;
+            # the hot path leaves that case to the full path.
+            served and reuse.fresh_until == -math.inf
+        )
+    age = policy.age_field(reuse.initial_age + now - entry.response_time)
+    assert age == age_header_value(entry, now)
+
+
+def test_plain_reuse_vary() -> None:
+    """RFC 9111 4.1: plain_reuse carries the Vary names; None for Vary: *."""
+    assert policy.plain_reuse(stored((b"Vary", b"Accept, X-A"))).vary == (
+        b"accept",
+        b"x-a",
+    )
+    assert policy.plain_reuse(stored((b"Vary", b"*"))).vary is None
+
+
+def test_plain_excluded_names_every_field_decide_reads() -> None:
+    """The fields that make a request not plain include every one decide consults."""
+    for name in (b"cache-control", b"pragma", b"authorization", b"range"):
+        assert name in policy.PLAIN_EXCLUDED
+    for name in policy._PRECONDITIONS:
+        assert name in policy.PLAIN_EXCLUDED

@@ -35,7 +35,9 @@ from zope.interface import implementer
 
 from cacheproxy import __version__, pages, policy
 from cacheproxy.accesslog import AccessLog, combined_line, squid_line
+from cacheproxy.ca import CAError
 from cacheproxy.collapse import Flight, Shared, Tail
+from cacheproxy.intercept import Interceptor, describe_tls_failure, matches
 from cacheproxy.memory import Hot, MemoryTier
 from cacheproxy.model import (
     Config,
@@ -115,8 +117,10 @@ class Proxy:
         access_log: AccessLog,
         pseudonym: str,
         threadpool: ThreadPool,
+        interceptor: Interceptor | None = None,
     ) -> None:
         self.reactor = reactor
+        self.interceptor = interceptor
         self.config = config
         self.store = store
         self.origin = origin
@@ -147,7 +151,15 @@ class Proxy:
         channel: ProxyProtocol,
     ) -> None:
         """Answer one request that arrived on ``channel`` through ``writer``."""
-        exchange = Exchange(self, request, body, writer, channel.client, channel.local)
+        exchange = Exchange(
+            self,
+            request,
+            body,
+            writer,
+            channel.client,
+            channel.local,
+            secure=channel.secure_origin is not None,
+        )
         try:
             if exchange.serve_hot():
                 return
@@ -343,8 +355,11 @@ class Exchange:
         writer: ResponseWriter,
         client: str,
         local: tuple[str, int] = ("", 0),
+        *,
+        secure: bool = False,
     ) -> None:
         self.proxy = proxy
+        self.secure = secure
         self.request = request
         self.body = body
         self.writer = writer
@@ -392,7 +407,7 @@ class Exchange:
             or self.body.present
             or proxy.config.offline
             or not proxy.memory.enabled
-            or request.target[:7].lower() != b"http://"
+            or not self._is_proxied_url(request.target)
             or not proxy.allows(self.client)
         ):
             return False
@@ -466,9 +481,6 @@ class Exchange:
         """Check and open the tunnel; False after answering an error."""
         if not self._admitted():
             return False
-        if self.proxy.config.offline:
-            self.fail(502, "the proxy is offline: it opens no tunnels")
-            return False
         try:
             host, port = parse_authority(self.request.target)
         except (ValueError, UnicodeDecodeError):
@@ -479,6 +491,13 @@ class Exchange:
             return False
         if self._is_own_address(host, port):
             self.fail(508, "forwarding loop: the CONNECT target is this proxy")
+            return False
+        interceptor = self.proxy.interceptor
+        if interceptor is not None and matches(self.proxy.config.intercept, host):
+            self._intercept(interceptor, channel, host, port, first)
+            return False
+        if self.proxy.config.offline:
+            self.fail(502, "the proxy is offline: it opens no tunnels")
             return False
         self.hierarchy = self._hierarchy(host)
         tunnel = Tunnel(
@@ -509,6 +528,41 @@ class Exchange:
         tunnel.splice(b"HTTP/1.1 200 Connection established\r\n\r\n")
         return True
 
+    def _intercept(
+        self,
+        interceptor: Interceptor,
+        channel: ProxyProtocol,
+        host: str,
+        port: int,
+        first: bytes,
+    ) -> None:
+        """Answer the CONNECT ourselves and speak TLS with the client, as ``host``.
+
+        No origin is contacted first (so ``--offline`` replays); the requests inside
+        are handled as ``https://host:port`` URLs like any others.
+        """
+        try:
+            creator = interceptor.creator_for(host)
+        except (ValueError, CAError, OSError) as reason:
+            log.error(
+                "cannot make a certificate for {host}: {reason}",
+                host=host,
+                reason=str(reason),
+            )
+            self.fail(502, f"cannot make a certificate for {host}")
+            return
+        self.code = "NONE_NONE"
+        self.hierarchy = "HIER_NONE/-"
+        authority = host if ":" not in host else f"[{host}]"
+        if port != 443:
+            authority += f":{port}"
+        established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        self.writer.status = 200
+        self.writer.bytes_sent = len(established)
+        channel.start_interception(
+            established, creator, b"https://" + authority.encode("ascii"), first
+        )
+
     def _tunnel_closed(self, tunnel: Tunnel) -> None:
         if tunnel.established:
             self.writer.bytes_sent = tunnel.up + tunnel.down
@@ -529,6 +583,12 @@ class Exchange:
             return False
         return True
 
+    def _is_proxied_url(self, target: bytes) -> bool:
+        """Whether the target is an absolute URL this exchange may fetch: http://,
+        or https:// inside an intercepted CONNECT."""
+        scheme = target[:8].lower()
+        return scheme.startswith(b"http://") or (self.secure and scheme == b"https://")
+
     def _is_own_address(self, host: str, port: int) -> bool:
         """Whether ``host:port`` is where this proxy listens (a loop)."""
         here, own_port = self.local
@@ -541,7 +601,7 @@ class Exchange:
         if not self._admitted():
             return
         target = self.request.target
-        if not target.lower().startswith(b"http://"):
+        if not self._is_proxied_url(target):
             if target.startswith(b"/") and self.request.method in (b"GET", b"HEAD"):
                 await self._serve_page(target)
             elif target.startswith(b"/"):
@@ -549,6 +609,11 @@ class Exchange:
                     405,
                     "the proxy's own pages answer GET and HEAD only",
                     ((b"Allow", b"GET, HEAD"),),
+                )
+            elif target.lower().startswith(b"https://"):
+                self.fail(
+                    400,
+                    "https:// URLs go through CONNECT (see --intercept to cache them)",
                 )
             else:
                 self.fail(400, "only http:// URLs can be proxied")
@@ -1112,6 +1177,10 @@ class Exchange:
                 502, f"cannot connect to the origin {host}: {reason.osError or reason}"
             ) from None
         except Exception as reason:
+            refused = describe_tls_failure(reason)
+            if refused is not None:
+                log.warn("origin {host}: {refused}", host=host, refused=refused)
+                raise OriginUnreachable(502, f"{host}: {refused}") from None
             log.info("origin {host} failed: {reason!r}", host=host, reason=reason)
             raise OriginUnreachable(
                 502, f"the origin {host} closed the connection without a response"
@@ -1579,6 +1648,6 @@ class _PieceSender:
 
 @functools.lru_cache(maxsize=4096)
 def _host_port(key: str) -> tuple[str, int]:
-    """The host and port of a cache key (an absolute http:// URL)."""
+    """The host and port of a cache key (an absolute http:// or https:// URL)."""
     url = urlsplit(key)
-    return url.hostname or "", url.port or 80
+    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)

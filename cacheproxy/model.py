@@ -209,6 +209,11 @@ class Config:
     @ivar workers: processes sharing the listening socket and the store.
     @ivar refresh_rules: heuristic freshness by URL, first match wins
         (``--refresh-pattern`` rules, then the built-in ones).
+    @ivar intercept: host patterns whose CONNECTs are intercepted (TLS terminated
+        with a certificate from the local CA) and cached; empty: none are.
+    @ivar ca_dir: the local CA's directory (``cacheproxy ca init``).
+    @ivar upstream_ca: a PEM file of the only CAs trusted for https origins, or
+        None for the system trust store.
     """
 
     port: str = "tcp:3128"
@@ -231,6 +236,9 @@ class Config:
     max_connections: int = 2000
     memory_cache: int = 64 << 20
     workers: int = 1
+    intercept: tuple[str, ...] = ()
+    ca_dir: str = "var/ca"
+    upstream_ca: str | None = None
 
 
 def is_loopback(client: str) -> bool:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import ipaddress
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.python import usage
 
+from cacheproxy.ca import CAError, load_ca
+from cacheproxy.intercept import check_pattern, origin_tls_policy
 from cacheproxy.model import DEFAULT_ALLOW, Config, Network
 from cacheproxy.refresh import builtin_rules, parse_refresh_pattern
 
@@ -229,12 +232,27 @@ class Options(usage.Options):
             "60",
             "seconds an idle keep-alive client connection stays open",
         ],
+        [
+            "ca-dir",
+            None,
+            "var/ca",
+            "the local CA that --intercept signs host certificates with "
+            "(made by 'cacheproxy ca init')",
+        ],
+        [
+            "upstream-ca",
+            None,
+            None,
+            "PEM file of the only CAs trusted for intercepted https origins "
+            "(default: the system trust store)",
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["allow"] = []
         self["refresh-pattern"] = []
+        self["intercept"] = []
 
     def opt_refresh_pattern(self, rule: str) -> None:
         try:
@@ -260,6 +278,19 @@ class Options(usage.Options):
         "fe80::/10)"
     )
 
+    def opt_intercept(self, pattern: str) -> None:
+        try:
+            self["intercept"].append(check_pattern(pattern))
+        except ValueError as reason:
+            raise usage.UsageError(f"--intercept: {reason}") from None
+
+    opt_intercept.__doc__ = (
+        "HOST_PATTERN: terminate TLS of CONNECTs to matching hosts with a "
+        "certificate from the local CA, and cache what passes inside as https:// "
+        "URLs ('pypi.org', '*.pythonhosted.org' for subdomains, '*' for all; "
+        "repeatable). Other hosts are tunnelled untouched. See docs/https.md"
+    )
+
     def postOptions(self) -> None:
         """Validate every value into a Config, or raise a UsageError naming it."""
         if self["offline"] and self["record"]:
@@ -283,4 +314,22 @@ class Options(usage.Options):
             max_connections=parse_count(self["max-connections"]),
             memory_cache=parse_size(self["memory-cache"]),
             workers=parse_count(self["workers"]),
+            intercept=tuple(self["intercept"]),
+            ca_dir=self["ca-dir"],
+            upstream_ca=self["upstream-ca"],
         )
+        _check_tls(self["config"])
+
+
+def _check_tls(config: Config) -> None:
+    """Refuse to start interception without a usable CA or upstream CA file."""
+    if config.upstream_ca is not None:
+        try:
+            origin_tls_policy(Path(config.upstream_ca))
+        except ValueError as reason:
+            raise usage.UsageError(f"--upstream-ca: {reason}") from None
+    if config.intercept:
+        try:
+            load_ca(Path(config.ca_dir))
+        except CAError as reason:
+            raise usage.UsageError(f"--intercept: {reason}") from None

@@ -7,6 +7,11 @@ Rules of this module:
   the origin said, verbatim.
 - Connecting and waiting for the response head share one deadline (``timeout``); past it
   the request fails with L{OriginTimeout}.
+- ``https://`` origins (requests inside an intercepted CONNECT) are verified fully by
+  the TLS policy given (the system trust store, or ``--upstream-ca``); a failure is
+  an error, never a fallback to anything weaker.
+- Endpoints are made once per scheme, host and port and reused: making one costs an
+  IDNA encoding, which a busy origin should not pay per request.
 """
 
 from __future__ import annotations
@@ -14,17 +19,30 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IConsumer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.web import _newclient
 from twisted.web.client import (
+    URI,
     Agent,
+    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ProxyAgent,
     _HTTP11ClientFactory,
 )
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers as TwistedHeaders
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.iweb import (
+    UNKNOWN_LENGTH,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IPolicyForHTTPS,
+    IResponse,
+)
 from zope.interface import implementer
 
 from cacheproxy.model import Headers
@@ -109,6 +127,40 @@ class BodyProducer:
         self._body.stopProducing()
 
 
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """Agent's endpoints, one per (scheme, host, port), TLS-wrapped for https.
+
+    @ivar _cache: the endpoints made so far (cleared past L{LIMIT}).
+    """
+
+    LIMIT = 4096
+
+    def __init__(self, reactor: Any, timeout: float, tls: IPolicyForHTTPS) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+        self._tls = tls
+        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is not None:
+            return endpoint
+        if uri.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+        endpoint = HostnameEndpoint(
+            self._reactor, uri.host, uri.port, timeout=self._timeout
+        )
+        if uri.scheme == b"https":
+            creator = self._tls.creatorForNetloc(uri.host, uri.port)
+            endpoint = wrapClientTLS(creator, endpoint)
+        if len(self._cache) >= self.LIMIT:
+            self._cache.clear()
+        self._cache[key] = endpoint
+        return endpoint
+
+
 class Origin:
     """Sends requests to origins through one pooled Agent.
 
@@ -119,17 +171,27 @@ class Origin:
         self,
         reactor: Any,
         timeout: float,
-        per_host: int = 16,
+        per_host: int = 128,
         upstream: tuple[str, int] | None = None,
+        tls: IPolicyForHTTPS | None = None,
     ) -> None:
         self._reactor: IReactorTime = reactor
         self.timeout = timeout
         self._pool = _QuietPool(reactor, persistent=True)
+        # Squid keeps every idle origin connection; a low cap here means a new
+        # connection for most requests under concurrency.
         self._pool.maxPersistentPerHost = per_host
         self._pool.cachedConnectionTimeout = 60
         self._agent: Agent | ProxyAgent
         if upstream is None:
-            self._agent = Agent(reactor, connectTimeout=timeout, pool=self._pool)
+            endpoints = _Endpoints(
+                reactor,
+                timeout,
+                tls if tls is not None else BrowserLikePolicyForHTTPS(),
+            )
+            self._agent = Agent.usingEndpointFactory(
+                reactor, endpoints, pool=self._pool
+            )
         else:
             # A parent proxy gets absolute-form requests over pooled connections.
             parent = HostnameEndpoint(

@@ -357,6 +357,8 @@ class ProxyProtocol(Protocol):
     @ivar client: the client's address.
     @ivar local: the address and port the client reached the proxy at.
     @ivar tunnel: after a CONNECT, the tunnel that now owns the connection.
+    @ivar secure_origin: after an intercepted CONNECT, ``https://host[:port]``: the
+        connection now speaks TLS, and its origin-form targets name that origin.
     """
 
     def __init__(self, proxy: Proxy) -> None:
@@ -374,6 +376,7 @@ class ProxyProtocol(Protocol):
         self._tcp: Any = None
         self._connect: RequestHead | None = None
         self.tunnel: Tunnel | None = None
+        self.secure_origin: bytes | None = None
         self.client = "-"
         self.local: tuple[str, int] = ("", 0)
         self.factory: ProxyFactory | None = None
@@ -456,9 +459,13 @@ class ProxyProtocol(Protocol):
 
     def on_headers_complete(self) -> None:
         headers = tuple(self._headers)
+        target = bytes(self._target)
+        if self.secure_origin is not None and target.startswith(b"/"):
+            # RFC 9112 section 3.2.1: inside the tunnel the origin is the CONNECT's.
+            target = self.secure_origin + target
         head = RequestHead(
             method=self._parser.get_method(),
-            target=bytes(self._target),
+            target=target,
             version=self._parser.get_http_version().encode("ascii"),
             headers=headers,
         )
@@ -608,6 +615,26 @@ class ProxyProtocol(Protocol):
         self._parser = httptools.HttpRequestParser(self)
         if offset < len(data):
             self.dataReceived(data[offset:])
+
+    def start_interception(
+        self, established: bytes, creator: Any, origin: bytes, first: bytes
+    ) -> None:
+        """Answer an intercepted CONNECT with ``established``, then speak TLS
+        (``creator``: the server side, from L{cacheproxy.intercept}) and parse the
+        requests inside as requests for ``origin``."""
+        if not self.connected:
+            return
+        self._tcp.write(established)
+        self._active = None
+        self._connect = None
+        self._parser = httptools.HttpRequestParser(self)
+        self.secure_origin = origin
+        self._direct = False
+        self._tcp.startTLS(creator)
+        self._arm(self.proxy.config.header_timeout, self._head_expired)
+        if first:
+            # Bytes that came with the CONNECT are the start of the TLS handshake.
+            self._tcp.protocol.dataReceived(first)
 
     def _reject(self, status: int, message: str) -> None:
         """Answer a request the parser or a limit refused, then close."""

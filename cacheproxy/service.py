@@ -9,6 +9,8 @@ import signal
 import socket
 import sys
 import threading
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -24,7 +26,9 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from cacheproxy.accesslog import AccessLog
+from cacheproxy.ca import load_ca
 from cacheproxy.exchange import Proxy
+from cacheproxy.intercept import Interceptor, origin_tls_policy
 from cacheproxy.model import Config
 from cacheproxy.options import Options
 from cacheproxy.origin import Origin
@@ -178,7 +182,13 @@ class ProxyService(MultiService):
         super().__init__()
         os.makedirs(config.cache_dir, exist_ok=True)
         store = Store(config.cache_dir, config.cache_size, clean=listen_fd is None)
-        origin = Origin(reactor, config.origin_timeout, upstream=config.upstream)
+        upstream_ca = None if config.upstream_ca is None else Path(config.upstream_ca)
+        origin = Origin(
+            reactor,
+            config.origin_timeout,
+            upstream=config.upstream,
+            tls=origin_tls_policy(upstream_ca),
+        )
         threadpool = ThreadPool(minthreads=1, maxthreads=4, name="cacheproxy-store")
         access_log = AccessLog(config.access_log, reactor)
         self.proxy = Proxy(
@@ -189,6 +199,7 @@ class ProxyService(MultiService):
             access_log,
             proxy_pseudonym(config.cache_dir),
             threadpool,
+            interceptor=_interceptor(config),
         )
         self._resources = _Resources(
             reactor, threadpool, origin, store, self.proxy.stats
@@ -440,3 +451,14 @@ class Workers(Service):
             self._signal_children(signal.SIGKILL)
         if self._port is not None:
             yield self._port.stopListening()
+
+
+def _interceptor(config: Config) -> Interceptor | None:
+    """The TLS interceptor for ``--intercept``, with the CA from ``--ca-dir``."""
+    if not config.intercept:
+        return None
+    return Interceptor(
+        load_ca(Path(config.ca_dir)),
+        lambda: datetime.now(UTC),
+        patterns=config.intercept,
+    )

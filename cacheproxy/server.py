@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httptools
+from OpenSSL import SSL
 from twisted.internet import tcp
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -402,6 +403,14 @@ class ProxyProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
+        if self.secure_origin is not None and reason.check(SSL.Error):
+            # Most often a client that does not trust the proxy's CA.
+            log.info(
+                "{client}: TLS for {origin} failed: {reason}",
+                client=self.client,
+                origin=self.secure_origin.decode("ascii", "replace"),
+                reason=reason.getErrorMessage(),
+            )
         self.proxy.stats.connection_closed()
         self._disarm()
         if self.factory is not None:

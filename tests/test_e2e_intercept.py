@@ -7,6 +7,7 @@ import base64
 import hashlib
 import io
 import os
+import ssl
 import sys
 import zipfile
 from collections.abc import AsyncIterator
@@ -322,3 +323,23 @@ async def _run_bounded(*argv: str, timeout: float = 120) -> tuple[bytes, bytes, 
     result = utils.getProcessOutputAndValue(argv[0], argv[1:], env=env)
     result.addTimeout(timeout, reactor)
     return await result
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_not_trusting_the_ca_refuses(tmp_path: Path, setup: Setup):
+    """A client without the proxy's CA refuses the host certificate: interception
+    is visible, never silent, to clients that were not set up for it."""
+    setup.origin.static("/x", b"x")
+    proxy = await _proxy(tmp_path, setup)
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await fetch_via_connect(
+                proxy.port,
+                "localhost",
+                setup.origin.port.getHost().port,
+                "/x",
+                cafile=setup.origin_ca.pem,
+            )
+    finally:
+        await proxy.service.stopService()
+    assert setup.origin.count("/x") == 0

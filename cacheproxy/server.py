@@ -382,6 +382,8 @@ class ProxyProtocol(Protocol):
         self.local: tuple[str, int] = ("", 0)
         self.factory: ProxyFactory | None = None
         self._timer: IDelayedCall | None = None
+        self._expiry: Callable[[], None] | None = None
+        self._deadline = 0.0
         self._body_seen = 0.0
         self._direct = False
 
@@ -412,7 +414,7 @@ class ProxyProtocol(Protocol):
                 reason=reason.getErrorMessage(),
             )
         self.proxy.stats.connection_closed()
-        self._disarm()
+        self._stop_timer()
         if self.factory is not None:
             self.factory.open -= 1
         if self.tunnel is not None:
@@ -512,29 +514,55 @@ class ProxyProtocol(Protocol):
     # -- timeouts ------------------------------------------------------------------
 
     def _arm(self, seconds: float, expired: Callable[[], None]) -> None:
-        """Call ``expired`` in ``seconds`` unless re-armed or disarmed first."""
-        self._disarm()
-        self._timer = self.proxy.reactor.callLater(seconds, expired)
+        """Call ``expired`` in ``seconds`` unless re-armed or disarmed first.
+
+        One reactor timer per connection serves every deadline: re-arming for a
+        later time only moves the deadline, and the timer, when it fires early,
+        sets itself again for what is left.  A keep-alive connection then costs
+        no timer churn per request.
+        """
+        reactor = self.proxy.reactor
+        self._expiry = expired
+        self._deadline = reactor.seconds() + seconds
+        timer = self._timer
+        if timer is None:
+            self._timer = reactor.callLater(seconds, self._timer_fired)
+        elif timer.getTime() > self._deadline:
+            timer.reset(seconds)
 
     def _disarm(self) -> None:
+        """Forget the deadline (the timer, if it fires, finds nothing to do)."""
+        self._expiry = None
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        expired = self._expiry
+        if expired is None:
+            return
+        remaining = self._deadline - self.proxy.reactor.seconds()
+        if remaining > 0:
+            self._timer = self.proxy.reactor.callLater(remaining, self._timer_fired)
+            return
+        self._expiry = None
+        expired()
+
+    def _stop_timer(self) -> None:
+        self._expiry = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
     def _idle_expired(self) -> None:
         """A keep-alive connection carried no request for the idle timeout."""
-        self._timer = None
         if self._active is None and not self._queue:
             self._close(abort=False)
 
     def _head_expired(self) -> None:
         """A request head did not arrive whole in time (slowloris)."""
-        self._timer = None
         self._timed_out("request header timeout")
 
     def _body_expired(self) -> None:
         """A request body stopped arriving."""
-        self._timer = None
         timeout = self.proxy.config.header_timeout
         quiet = self.proxy.reactor.seconds() - self._body_seen
         if quiet < timeout:
@@ -581,7 +609,7 @@ class ProxyProtocol(Protocol):
             self._start_next()
         else:
             self._resume("pipeline")
-            if self._parsing is None and self._timer is None:
+            if self._parsing is None and self._expiry is None:
                 self._arm(self.proxy.config.idle_timeout, self._idle_expired)
 
     @property

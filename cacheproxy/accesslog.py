@@ -8,6 +8,7 @@ so a response never waits for the disk.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -78,6 +79,7 @@ def _quoted(value: bytes) -> str:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def _token(value: bytes) -> str:
     """A log field from raw bytes; spaces and control characters are escaped."""
     text = value.decode("latin-1")

@@ -371,6 +371,7 @@ class ProxyProtocol(Protocol):
         self._parsing: _Pending | None = None
         self._target = bytearray()
         self._headers: list[tuple[bytes, bytes]] = []
+        self._framing: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._pauses: set[str] = set()
         self._closing = False
@@ -452,6 +453,7 @@ class ProxyProtocol(Protocol):
     def on_message_begin(self) -> None:
         self._target.clear()
         self._headers = []
+        self._framing = []
         self._header_bytes = 0
         self._arm(self.proxy.config.header_timeout, self._head_expired)
 
@@ -467,6 +469,9 @@ class ProxyProtocol(Protocol):
         if len(self._headers) >= MAX_HEADERS:
             raise RequestRejected(431, "too many request header fields")
         self._headers.append((name, value))
+        lname = name.lower()
+        if lname in _FRAMING_FIELDS:
+            self._framing.append((lname, value))
 
     def on_headers_complete(self) -> None:
         headers = tuple(self._headers)
@@ -485,8 +490,12 @@ class ProxyProtocol(Protocol):
         if head.method == b"CONNECT":
             self._connect = head
             return
-        _check_framing(head)
-        body = _request_body(headers)
+        framing = self._framing
+        if framing:
+            _check_framing(head, framing)
+            body = _request_body(framing)
+        else:
+            body = RequestBody(None, present=False)
         pending = _Pending(head, body, self._parser.should_keep_alive())
         self._parsing = pending if body.present else None
         if body.present:
@@ -588,7 +597,7 @@ class ProxyProtocol(Protocol):
         self._active = writer
         body = pending.body
         body.set_flow_control(lambda: self._pause("body"), lambda: self._resume("body"))
-        if _expects_continue(pending.head) and not body.complete:
+        if not body.complete and _expects_continue(pending.head):
             # RFC 9110 section 10.1.1: the proxy answers 100 itself and sends the
             # body on, rather than making the client wait for the origin.
             self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -723,17 +732,22 @@ class ProxyProtocol(Protocol):
             self._tcp.resumeProducing()
 
 
-def _check_framing(head: RequestHead) -> None:
+_FRAMING_FIELDS = frozenset({b"host", b"transfer-encoding", b"content-length"})
+"""Request fields that decide how the message is framed, noted as they arrive."""
+
+
+def _check_framing(head: RequestHead, framing: list[tuple[bytes, bytes]]) -> None:
     """Refuse request framing that proxies and origins could read differently.
 
+    ``framing``: the request's L{_FRAMING_FIELDS}, names lower-cased, in order.
     RFC 9112 section 6.1: Transfer-Encoding in an HTTP/1.0 request is faulty
     framing; section 6.3: a request whose final transfer coding is not chunked
     cannot be delimited.  Either is answered 400 and the connection closed.
     """
-    if len(header_values(head.headers, b"host")) > 1:
+    if sum(1 for name, _ in framing if name == b"host") > 1:
         # RFC 9112 section 3.2: more than one Host field line is a 400.
         raise RequestRejected(400, "more than one Host header field")
-    codings = header_list(head.headers, b"transfer-encoding")
+    codings = header_list(tuple(framing), b"transfer-encoding")
     if not codings:
         return
     if head.version == b"1.0":
@@ -742,13 +756,13 @@ def _check_framing(head: RequestHead) -> None:
         raise RequestRejected(400, "the request's final transfer coding is not chunked")
 
 
-def _request_body(headers: Headers) -> RequestBody:
+def _request_body(framing: list[tuple[bytes, bytes]]) -> RequestBody:
     """The body framing the request declares (RFC 9112 section 6.3)."""
-    if header_values(headers, b"transfer-encoding"):
+    names = [name for name, _ in framing]
+    if b"transfer-encoding" in names:
         return RequestBody(None, present=True)
-    lengths = header_values(headers, b"content-length")
-    if lengths:
-        length = int(lengths[0])
+    if b"content-length" in names:
+        length = int(framing[names.index(b"content-length")][1])
         return RequestBody(length, present=length > 0)
     return RequestBody(None, present=False)
 

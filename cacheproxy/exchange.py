@@ -4,9 +4,11 @@ Rules of this module:
 - Every request gets exactly one response or one error, never both; an exception in one
   exchange is logged and answered ``500`` (or the connection closed if the response had
   begun) and never reaches another exchange.
-- The origin's body is teed as it arrives: to the client (the origin transport is the
-  client transport's producer, so a slow client slows the origin) and into a store
-  writer, which is committed only if the body arrived complete.
+- The origin's body is teed as it arrives (L{cacheproxy.relay.OriginBody}): to the
+  client (the origin transport is the client transport's producer, so a slow client
+  slows the origin) and into a store writer, which is committed only if the body
+  arrived complete.
+- The state shared by all exchanges lives in L{cacheproxy.proxy.Proxy}.
 - RFC 9111 decisions come from L{cacheproxy.policy}; this module only applies them.
 - Store calls that touch SQLite run in the store's thread pool, never on the reactor.
 """
@@ -15,56 +17,44 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
 
-from twisted.internet import defer, error, threads
-from twisted.internet.interfaces import IPullProducer
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet import defer, error
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
-from zope.interface import implementer
 
-from cacheproxy import __version__, pages, policy
-from cacheproxy.accesslog import AccessLog, combined_line, squid_line
+from cacheproxy import pages, policy
+from cacheproxy.accesslog import combined_line, squid_line
 from cacheproxy.ca import CAError
 from cacheproxy.collapse import Flight, Shared, Tail
 from cacheproxy.intercept import Interceptor, describe_tls_failure, matches
-from cacheproxy.memory import Hot, MemoryTier
+from cacheproxy.memory import Hot
 from cacheproxy.model import (
-    Config,
     Entry,
     Headers,
     RequestHead,
     ResponseHead,
     header_list,
     header_value,
-    is_allowed,
     is_loopback,
     with_header,
     without_headers,
 )
-from cacheproxy.origin import Origin, OriginTimeout
-from cacheproxy.refresh import with_rules
+from cacheproxy.origin import OriginTimeout
+from cacheproxy.relay import OriginBody, PieceSender, discard_body, plan_body
 from cacheproxy.server import RequestBody, ResponseWriter, discarding_writer
-from cacheproxy.stats import Stats
-from cacheproxy.store import BodyWriter, Store
+from cacheproxy.store import BodyWriter
 from cacheproxy.tunnel import Tunnel, parse_authority
 
 if TYPE_CHECKING:
+    from cacheproxy.proxy import Proxy
     from cacheproxy.server import ProxyProtocol
 
 log = Logger()
-
-T = TypeVar("T")
 
 # Fields of the client's request that the proxy does not pass on: Host is rebuilt from
 # the absolute target (RFC 9112 section 3.2.2), Expect is answered by the proxy itself,
@@ -86,247 +76,6 @@ _RANGE = frozenset({b"range", b"if-range"})
 _RECORDED_STATUSES = frozenset({200, 203, 204, 301, 308, 404, 410})
 # The errors stale-if-error covers (RFC 5861 section 4).
 _SERVER_ERRORS = frozenset({500, 502, 503, 504})
-# What a stored body is sent as: literal bytes, or (offset, length) of the file.
-Piece = bytes | tuple[int, int]
-
-
-class Proxy:
-    """What all client connections share: the store, the origin client, the log.
-
-    @ivar reactor: the reactor everything runs on.
-    @ivar config: the validated command line.
-    @ivar store: the disk store.
-    @ivar origin: the pooled origin client.
-    @ivar access_log: where one line per request goes.
-    @ivar via: this proxy's ``Via`` member (RFC 9110 section 7.6.3).
-    @ivar revalidating: body ids of stored responses being revalidated in the
-        background, so that each is revalidated once at a time.
-    @ivar memory: the memory tier (hot small bodies, URL snapshots).
-    @ivar flights: misses being fetched that identical misses may join, by key.
-    @ivar stats: counters for the status page and /metrics.
-    @ivar info: what the status page says about this proxy.
-    @ivar active: requests in flight (graceful shutdown waits for them).
-    """
-
-    def __init__(
-        self,
-        reactor: Any,
-        config: Config,
-        store: Store,
-        origin: Origin,
-        access_log: AccessLog,
-        pseudonym: str,
-        threadpool: ThreadPool,
-        interceptor: Interceptor | None = None,
-    ) -> None:
-        self.reactor = reactor
-        self.interceptor = interceptor
-        self.config = config
-        self.store = store
-        self.origin = origin
-        self.access_log = access_log
-        self.pseudonym = pseudonym
-        self.via = b"1.1 " + pseudonym.encode("ascii")
-        self.revalidating: set[str] = set()
-        self.memory = MemoryTier(
-            config.memory_cache, heuristic_cap=config.heuristic_cap
-        )
-        self.flights: dict[str, Flight] = {}
-        self._allowed: dict[str, bool] = {}
-        self.store_health = StoreHealth()
-        self._reading: dict[str, defer.Deferred[Sequence[Entry]]] = {}
-        self.active = 0
-        self.stats = Stats(reactor.seconds())
-        self.info = pages.ProxyInfo(pseudonym, __version__, _shown_options(config))
-        self._figures = (0, 0)
-        self._figures_at = -1e9
-        self._drained: list[defer.Deferred[None]] = []
-        self._threadpool = threadpool
-
-    def handle(
-        self,
-        request: RequestHead,
-        body: RequestBody,
-        writer: ResponseWriter,
-        channel: ProxyProtocol,
-    ) -> None:
-        """Answer one request that arrived on ``channel`` through ``writer``."""
-        exchange = Exchange(
-            self,
-            request,
-            body,
-            writer,
-            channel.client,
-            channel.local,
-            secure=channel.secure_origin is not None,
-        )
-        try:
-            if exchange.serve_hot():
-                return
-        except Exception:
-            log.failure("error on the hot path for {url}", url=request.target[:200])
-            if writer.started:
-                writer.abort()
-                return
-        defer.ensureDeferred(exchange.run())
-
-    def reject(
-        self,
-        request: RequestHead,
-        writer: ResponseWriter,
-        channel: ProxyProtocol,
-        status: int,
-        message: str,
-    ) -> None:
-        """Answer a request refused before it was parsed whole."""
-        exchange = Exchange(
-            self, request, RequestBody(None, False), writer, channel.client
-        )
-        exchange.fail(status, message)
-        exchange.log_access()
-
-    def connect(
-        self,
-        request: RequestHead,
-        first: bytes,
-        writer: ResponseWriter,
-        channel: ProxyProtocol,
-    ) -> None:
-        """Open a CONNECT tunnel for ``channel`` (RFC 9110 section 9.3.6)."""
-        exchange = Exchange(
-            self,
-            request,
-            RequestBody(None, False),
-            writer,
-            channel.client,
-            channel.local,
-        )
-        defer.ensureDeferred(exchange.run_tunnel(channel, first))
-
-    async def store_figures(self) -> tuple[int, int]:
-        """The store's bytes and entry count, counted at most every 30 seconds."""
-        now = self.reactor.seconds()
-        if now - self._figures_at > 30:
-            try:
-                volume = await self.in_thread(self.store.volume)
-                entries = await self.in_thread(self.store.count)
-            except Exception:
-                log.failure("cannot read the store's size")
-                return self._figures
-            self._figures, self._figures_at = (volume, entries), now
-        return self._figures
-
-    def read_variants(self, key: str) -> defer.Deferred[Sequence[Entry]]:
-        """Read the URL's variants from the store into the memory tier, once at a
-        time per URL however many requests ask (annotated with the refresh rules)."""
-        pending = self._reading.get(key)
-        if pending is None:
-            pending = defer.ensureDeferred(self._read(key))
-            if not pending.called:
-                self._reading[key] = pending
-        result: defer.Deferred[Sequence[Entry]] = defer.Deferred()
-
-        def deliver(value: Sequence[Entry] | Failure) -> Sequence[Entry] | Failure:
-            if isinstance(value, Failure):
-                result.errback(value)
-            else:
-                result.callback(value)
-            return value
-
-        pending.addBoth(deliver)
-        return result
-
-    async def _read(self, key: str) -> Sequence[Entry]:
-        try:
-            now = self.reactor.seconds()
-            stored = await self.in_thread(self.store.lookup, key)
-            rules = self.config.refresh_rules
-            entries = [with_rules(entry, rules) for entry in stored]
-            self.memory.remember(key, entries, now)
-            return entries
-        finally:
-            self._reading.pop(key, None)
-
-    def allows(self, client: str) -> bool:
-        """Whether ``client`` is inside ``--allow`` (remembered per address)."""
-        allowed = self._allowed.get(client)
-        if allowed is None:
-            if len(self._allowed) > 4096:
-                self._allowed.clear()
-            allowed = self._allowed[client] = is_allowed(client, self.config.allow)
-        return allowed
-
-    def exchange_started(self) -> None:
-        """Count a request in flight."""
-        self.active += 1
-
-    def exchange_ended(self) -> None:
-        """Count a request done; wake L{drain} waiters when none is left."""
-        self.active -= 1
-        if self.active == 0:
-            waiters, self._drained = self._drained, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    def drain(self, timeout: float) -> defer.Deferred[None]:
-        """Fire when no request is in flight, or after ``timeout`` seconds."""
-        if self.active == 0:
-            return defer.succeed(None)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._drained.append(waiter)
-        waiter.addTimeout(timeout, self.reactor, onTimeoutCancel=lambda *_: None)
-        return waiter
-
-    def in_thread(self, function: Callable[..., T], *args: Any) -> defer.Deferred[T]:
-        """Run a blocking store call in the store's thread pool."""
-        return threads.deferToThreadPool(
-            self.reactor, self._threadpool, function, *args
-        )
-
-
-def _shown_options(config: Config) -> tuple[tuple[str, str], ...]:
-    """The options the status page lists."""
-    upstream = config.upstream
-    return (
-        ("port", config.port),
-        ("cache-dir", config.cache_dir),
-        ("cache-size", f"{config.cache_size >> 20} MiB"),
-        ("max-object-size", f"{config.max_object_size >> 20} MiB"),
-        ("upstream", f"http://{upstream[0]}:{upstream[1]}" if upstream else "none"),
-        ("allow", ", ".join(str(n) for n in config.allow)),
-        ("connect-ports", ",".join(str(p) for p in sorted(config.connect_ports))),
-        ("log-format", config.log_format),
-        ("offline", "on" if config.offline else "off"),
-        ("record", "on" if config.record else "off"),
-    )
-
-
-class StoreHealth:
-    """Tells the log once when storing starts failing (a full disk, say) and once
-    when it works again, instead of once per response.
-
-    @ivar failing: the last attempt to store failed.
-    """
-
-    def __init__(self) -> None:
-        self.failing = False
-
-    def failed(self, what: str, error: OSError) -> None:
-        """An attempt to store failed; the response is still relayed."""
-        if not self.failing:
-            self.failing = True
-            log.warn(
-                "cannot store responses ({what}: {error}); relaying them without "
-                "storing until the store works again",
-                what=what,
-                error=error,
-            )
-
-    def succeeded(self) -> None:
-        """A body was stored."""
-        if self.failing:
-            self.failing = False
-            log.info("storing responses again")
 
 
 class OriginUnreachable(Exception):
@@ -900,7 +649,7 @@ class Exchange:
         headers = without_headers(
             policy.served_headers(response, validated=validated), _AGE
         )
-        plan = _plan_body(self.request, response, headers, entry.body_length)
+        plan = plan_body(self.request, response, headers, entry.body_length)
         self.writer.start(
             plan.status, plan.reason, plan.headers + extra, plan.length, hold=True
         )
@@ -915,7 +664,7 @@ class Exchange:
             return True
         try:
             if self.request.method != b"HEAD" and plan.pieces:
-                await _PieceSender(body, plan.pieces).send(self.writer)
+                await PieceSender(body, plan.pieces).send(self.writer)
         except Exception:
             # The client went away mid-body; nothing else to do.
             self.writer.abort()
@@ -995,7 +744,7 @@ class Exchange:
             and verdict.stale
             and self._may_serve_stale_on_error(entry)
         ):
-            await _discard_body(response)
+            await discard_body(response)
             status = b"fwd=stale; fwd-status=%d; detail=stale-if-error" % response.code
             if await self._serve_stored(entry, "TCP_REFRESH_FAIL_OLD", status):
                 return
@@ -1038,7 +787,7 @@ class Exchange:
             await self._relay(response, fwd, times)
             return
         head304 = self._response_head(response)
-        await _discard_body(response)
+        await discard_body(response)
         matched = [
             entry
             for entry in candidates
@@ -1219,7 +968,7 @@ class Exchange:
             head.status, head.reason, head.headers + self._proxy_headers(status), length
         )
         memory = self.proxy.memory
-        receiver = _OriginBody(
+        receiver = OriginBody(
             self.writer,
             sink,
             length,
@@ -1454,196 +1203,6 @@ class Exchange:
             bytes_sent=self.writer.bytes_sent,
             elapsed=now - self.started,
         )
-
-
-class _OriginBody(Protocol):
-    """Receives an origin's body and tees it to the client and to a store writer.
-
-    When the body is being stored and its length is known, the chunk that completes it
-    is held back until L{release}: a client that asks again as soon as it has the
-    whole body then finds it stored.  (Without a known length, the client cannot see
-    the end before L{ResponseWriter.finish} anyway.)
-
-    @ivar done: fires with True when the body ended complete, False when truncated.
-    @ivar received: body bytes received so far.
-    @ivar oversize: the body outgrew the size limit for storing.
-    """
-
-    def __init__(
-        self,
-        client: ResponseWriter,
-        sink: BodyWriter | None,
-        length: int | None,
-        limit: int,
-        keep: int = -1,
-        flight: Flight | None = None,
-        health: StoreHealth | None = None,
-    ):
-        self._client = client
-        self._flight = flight
-        self._health = health
-        self._sink = sink
-        self._length = length
-        self._limit = limit
-        # Bodies up to ``keep`` bytes are also kept whole, for the memory tier.
-        self._keep = keep if sink is not None else -1
-        self._kept: list[bytes] | None = [] if self._keep >= 0 else None
-        self.received = 0
-        self.oversize = False
-        self._held = b""
-        self.done: defer.Deferred[bool] = defer.Deferred()
-
-    def release(self) -> None:
-        """Send the chunk held back while the body was being stored."""
-        held, self._held = self._held, b""
-        self._client.write(held)
-
-    def connectionMade(self) -> None:
-        # Backpressure: a client that reads slowly pauses reading from the origin.
-        self._client.registerProducer(self.transport, True)
-
-    def small(self) -> bytes | None:
-        """The whole body if it was small enough to keep, else None."""
-        return b"".join(self._kept) if self._kept is not None else None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += len(data)
-        if self._kept is not None:
-            if self.received <= self._keep:
-                self._kept.append(data)
-            else:
-                self._kept = None
-        sink = self._sink
-        if sink is None or self._length is None or self.received < self._length:
-            self._client.write(data)
-        else:
-            self._held += data
-        if sink is None or self.oversize:
-            return
-        if sink.size + len(data) > self._limit:
-            self.oversize = True
-            return
-        try:
-            sink.write(data)
-            flight = self._flight
-            if flight is not None and flight.followers:
-                sink.flush()
-                flight.progress(sink.size)
-        except OSError as error:
-            if self._health is not None:
-                self._health.failed("writing a body", error)
-            self.oversize = True
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._client.unregisterProducer()
-        self.done.callback(bool(reason.check(ResponseDone, PotentialDataLoss)))
-
-
-async def _discard_body(response: IResponse) -> None:
-    """Read and drop a body (a 304 has none, but Agent wants it consumed)."""
-    done: defer.Deferred[None] = defer.Deferred()
-
-    class _Drop(Protocol):
-        def connectionLost(self, reason: Failure = connectionDone) -> None:
-            done.callback(None)
-
-    response.deliverBody(_Drop())
-    await done
-
-
-@dataclasses.dataclass(frozen=True)
-class _BodyPlan:
-    """How a stored response is sent: status, fields, length and body pieces."""
-
-    status: int
-    reason: bytes
-    headers: Headers
-    length: int
-    pieces: tuple[Piece, ...]
-
-
-def _plan_body(
-    request: RequestHead, response: ResponseHead, headers: Headers, length: int
-) -> _BodyPlan:
-    """The whole body, or the ranges the request asks for (RFC 9110 section 14)."""
-    whole = _BodyPlan(response.status, response.reason, headers, length, ((0, length),))
-    if response.status != 200 or not policy.if_range_allows(request, response):
-        return whole
-    ranges = policy.requested_ranges(request, length)
-    if ranges is None:
-        return whole
-    if not ranges:
-        unsatisfiable = ((b"Content-Range", b"bytes */%d" % length),)
-        return _BodyPlan(416, b"Range Not Satisfiable", unsatisfiable, 0, ())
-    if len(ranges) == 1:
-        (only,) = ranges
-        size = only.end - only.start + 1
-        fields = headers + ((b"Content-Range", policy.content_range(only, length)),)
-        return _BodyPlan(206, b"Partial Content", fields, size, ((only.start, size),))
-    content_type = header_value(response.headers, b"content-type")
-    boundary = policy.multipart_boundary(secrets.token_bytes(12))
-    pieces: list[Piece] = []
-    for part in ranges:
-        pieces.append(policy.multipart_part_head(boundary, content_type, part, length))
-        pieces.append((part.start, part.end - part.start + 1))
-    pieces.append(policy.multipart_end(boundary))
-    fields = without_headers(headers, frozenset({b"content-type"})) + (
-        (b"Content-Type", policy.multipart_content_type(boundary)),
-    )
-    total = policy.multipart_length(boundary, content_type, ranges, length)
-    return _BodyPlan(206, b"Partial Content", fields, total, tuple(pieces))
-
-
-@implementer(IPullProducer)
-class _PieceSender:
-    """Sends literal bytes and slices of a stored body file, pulled by the client."""
-
-    CHUNK = 1 << 16
-
-    def __init__(self, body: BinaryIO, pieces: Sequence[Piece]) -> None:
-        self._body = body
-        self._pieces = list(reversed(pieces))
-        self._remaining = 0
-        self._consumer: ResponseWriter | None = None
-        self._done: defer.Deferred[None] = defer.Deferred()
-
-    def send(self, consumer: ResponseWriter) -> defer.Deferred[None]:
-        """Send every piece to ``consumer``; fires when all are written."""
-        self._consumer = consumer
-        if not consumer.connected:
-            self._fail(ConnectionError("the client went away"))
-        else:
-            consumer.registerProducer(self, False)
-        return self._done
-
-    def resumeProducing(self) -> None:
-        consumer = self._consumer
-        if consumer is None or self._done.called:
-            return
-        while self._remaining == 0:
-            if not self._pieces:
-                consumer.unregisterProducer()
-                self._done.callback(None)
-                return
-            piece = self._pieces.pop()
-            if isinstance(piece, bytes):
-                consumer.write(piece)
-                return
-            offset, self._remaining = piece
-            self._body.seek(offset)
-        data = self._body.read(min(self.CHUNK, self._remaining))
-        if not data:
-            self._fail(OSError("stored body shorter than recorded"))
-            return
-        self._remaining -= len(data)
-        consumer.write(data)
-
-    def stopProducing(self) -> None:
-        self._fail(ConnectionError("the client went away"))
-
-    def _fail(self, reason: Exception) -> None:
-        if not self._done.called:
-            self._done.errback(reason)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -30,7 +30,7 @@ from zope.interface import implementer
 from cacheproxy.model import Headers, RequestHead, header_list, header_values
 
 if TYPE_CHECKING:
-    from cacheproxy.exchange import Proxy
+    from cacheproxy.proxy import Proxy
     from cacheproxy.tunnel import Tunnel
 
 log = Logger()

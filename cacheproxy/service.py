@@ -27,11 +27,11 @@ from twisted.python.threadpool import ThreadPool
 
 from cacheproxy.accesslog import AccessLog
 from cacheproxy.ca import load_ca
-from cacheproxy.exchange import Proxy
 from cacheproxy.intercept import Interceptor, origin_tls_policy
 from cacheproxy.model import Config
 from cacheproxy.options import Options
 from cacheproxy.origin import Origin
+from cacheproxy.proxy import Proxy
 from cacheproxy.server import ProxyFactory
 from cacheproxy.stats import Stats
 from cacheproxy.store import Store

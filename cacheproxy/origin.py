@@ -28,7 +28,6 @@ from twisted.internet.interfaces import (
 from twisted.web import _newclient
 from twisted.web.client import (
     URI,
-    Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ProxyAgent,
@@ -45,6 +44,7 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
+from cacheproxy.client import OriginClient
 from cacheproxy.model import Headers
 from cacheproxy.server import RequestBody
 
@@ -162,7 +162,8 @@ class _Endpoints:
 
 
 class Origin:
-    """Sends requests to origins through one pooled Agent.
+    """Sends requests to origins: directly with the lean L{OriginClient}, or through
+    a parent proxy (``--upstream``) with Agent's ProxyAgent over a pool.
 
     @ivar timeout: seconds allowed for connecting and receiving the response head.
     """
@@ -182,16 +183,15 @@ class Origin:
         # connection for most requests under concurrency.
         self._pool.maxPersistentPerHost = per_host
         self._pool.cachedConnectionTimeout = 60
-        self._agent: Agent | ProxyAgent
+        self._agent: ProxyAgent | None = None
+        self._client: OriginClient | None = None
         if upstream is None:
             endpoints = _Endpoints(
                 reactor,
                 timeout,
                 tls if tls is not None else BrowserLikePolicyForHTTPS(),
             )
-            self._agent = Agent.usingEndpointFactory(
-                reactor, endpoints, pool=self._pool
-            )
+            self._client = OriginClient(reactor, endpoints, max_idle_per_host=per_host)
         else:
             # A parent proxy gets absolute-form requests over pooled connections.
             parent = HostnameEndpoint(
@@ -204,6 +204,12 @@ class Origin:
         self, method: bytes, url: bytes, headers: Headers, body: RequestBody | None
     ) -> defer.Deferred[IResponse]:
         """Send a request; the Deferred fires with the response head."""
+        d: defer.Deferred[IResponse]
+        if self._client is not None:
+            d = self._client.request(method, url, headers, body)
+            d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=self._timed_out)
+            return d
+        assert self._agent is not None
         twisted_headers = TwistedHeaders()
         for name, value in headers:
             twisted_headers.addRawHeader(name, value)
@@ -219,5 +225,7 @@ class Origin:
 
     def close(self) -> defer.Deferred[None]:
         """Close pooled connections."""
+        if self._client is not None:
+            return self._client.close()
         closed: defer.Deferred[None] = self._pool.closeCachedConnections()
         return closed

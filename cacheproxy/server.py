@@ -630,7 +630,7 @@ class ProxyProtocol(Protocol):
         """Write to the client if it is still connected."""
         if self.connected:
             if self._direct:
-                _write_now(self._tcp, data)
+                write_now(self._tcp, data)
             else:
                 self._tcp.write(data)
 
@@ -815,7 +815,7 @@ class ProxyFactory(Factory):
         return protocol
 
 
-def _write_now(transport: tcp.Connection, data: bytes) -> None:
+def write_now(transport: tcp.Connection, data: bytes) -> None:
     """Write ``data`` to a TCP transport, sending at once what the socket takes.
 
     Twisted's ``write`` only queues and asks the reactor to watch for writability:

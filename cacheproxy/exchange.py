@@ -58,7 +58,7 @@ log = Logger()
 
 # Fields of the client's request that the proxy does not pass on: Host is rebuilt from
 # the absolute target (RFC 9112 section 3.2.2), Expect is answered by the proxy itself,
-# and Agent frames the body it sends (Content-Length or chunked) on its own.
+# and the origin client frames the body it sends (Content-Length or chunked) itself.
 _NOT_FORWARDED = frozenset({b"host", b"expect", b"content-length"})
 # The client's validators, replaced by the stored response's when revalidating.
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
@@ -1121,7 +1121,7 @@ class Exchange:
     def _length(self, response: IResponse) -> int | None:
         """The body length to announce to the client, None if unknown."""
         if self.request.method == b"HEAD":
-            # Agent leaves Content-Length in place for HEAD (no body follows).
+            # Content-Length stays in the head of a HEAD response (no body follows).
             declared = response.headers.getRawHeaders(b"content-length")
             if declared and declared[0].isdigit():
                 return int(declared[0])

@@ -1,10 +1,11 @@
-"""The origin side: requests to origins over Twisted's Agent and a connection pool.
+"""The origin side: where requests leave the proxy for origins or a parent proxy.
 
 Rules of this module:
-- One persistent L{HTTPConnectionPool} for the whole proxy, so connections to an origin
-  are reused across clients.
-- Agent is used bare: no content decoding, no redirect following; the proxy relays what
-  the origin said, verbatim.
+- Direct requests go through L{cacheproxy.client.OriginClient}; with ``--upstream``,
+  through Twisted's ProxyAgent.  Either way one pool for the whole proxy, so
+  connections to an origin are reused across clients.
+- No content decoding, no redirect following: the proxy relays what the origin said,
+  verbatim.
 - Connecting and waiting for the response head share one deadline (``timeout``); past it
   the request fails with L{OriginTimeout}.
 - ``https://`` origins (requests inside an intercepted CONNECT) are verified fully by

@@ -128,7 +128,7 @@ class OriginBody(Protocol):
 
 
 async def discard_body(response: IResponse) -> None:
-    """Read and drop a body (a 304 has none, but Agent wants it consumed)."""
+    """Read and drop a body (a 304 has none, but the client wants it consumed)."""
     done: defer.Deferred[None] = defer.Deferred()
 
     class _Drop(Protocol):

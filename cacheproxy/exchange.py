@@ -439,7 +439,7 @@ class Exchange:
     async def _fetch_collapsed(self) -> None:
         """Fetch a miss, letting identical misses meanwhile wait and share it."""
         flights = self.proxy.flights
-        if not self._is_collapsible():
+        if not self._is_collapsible() or self.proxy.is_unshared(self.key):
             await self._forward(self._origin_headers(), "miss")
             return
         flight = flights.get(self.key)
@@ -952,14 +952,19 @@ class Exchange:
         elif self.request.method == b"HEAD" and head.status == 200:
             await self._freshen_with_head(head, length, times)
         sink = self._store_writer(head, length)
+        shareable = sink is not None and not self.recording
         flight = self.flight
         if flight is not None:
-            if sink is not None and not self.recording:
+            if shareable and sink is not None:
                 vary = policy.vary_values(policy.vary_names(head) or (), self.request)
                 flight.share(Shared(head, length, sink.path, vary))
             else:
                 # Not for a shared cache (RFC 9111 section 3): never for others.
                 flight.refuse()
+        if not shareable and self.request.method == b"GET":
+            self.proxy.mark_unshared(self.key)
+        elif self.key in self.proxy.unshared:
+            self.proxy.unshared.pop(self.key, None)
         status = b"fwd=" + fwd.encode()
         if sink is not None:
             status += b"; stored"

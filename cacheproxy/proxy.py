@@ -88,6 +88,10 @@ class Proxy:
             config.memory_cache, heuristic_cap=config.heuristic_cap
         )
         self.flights: dict[str, Flight] = {}
+        # URLs whose last fetch could not be shared, until when: their misses go to
+        # the origin at once instead of queueing behind one another (Varnish calls
+        # this hit-for-miss).  Bounded: cleared when it grows past UNSHARED_LIMIT.
+        self.unshared: dict[str, float] = {}
         self._allowed: dict[str, bool] = {}
         self.store_health = StoreHealth()
         self._reading: dict[str, defer.Deferred[Sequence[Entry]]] = {}
@@ -211,6 +215,25 @@ class Proxy:
                 self._allowed.clear()
             allowed = self._allowed[client] = is_allowed(client, self.config.allow)
         return allowed
+
+    UNSHARED_LIMIT = 4096
+    UNSHARED_SECONDS = 120.0
+
+    def mark_unshared(self, key: str) -> None:
+        """Remember that the URL's response could not be shared, for a while."""
+        if len(self.unshared) >= self.UNSHARED_LIMIT:
+            self.unshared.clear()
+        self.unshared[key] = self.reactor.seconds() + self.UNSHARED_SECONDS
+
+    def is_unshared(self, key: str) -> bool:
+        """Whether the URL's last response could not be shared, recently."""
+        until = self.unshared.get(key)
+        if until is None:
+            return False
+        if until <= self.reactor.seconds():
+            del self.unshared[key]
+            return False
+        return True
 
     def exchange_started(self) -> None:
         """Count a request in flight."""

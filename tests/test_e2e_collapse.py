@@ -130,3 +130,29 @@ async def test_vary_mismatch_fetches_alone(tmp_path):
         await running.service.stopService()
         await raw.stop()
     assert [r.body for r in responses] == [b"hello", b"bonjour"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unshareable_url_stops_collapsing(tmp_path):
+    """Once a URL's response proved unshareable (no-store), its later misses go to
+    the origin at once instead of waiting behind one another (hit-for-miss)."""
+    held = _Held(b"no-store")
+    raw = start_raw_origin(held)
+    running = await start_proxy(tmp_path)
+    try:
+        url = raw.url("/api")
+        first = defer.ensureDeferred(fetch(running.port, "GET", url))
+        await wait_for(lambda: len(held.transports) == 1)
+        held.answer(0, b"one")
+        assert (await first).body == b"one"
+        pending = _many(running.port, url)
+        # All of them reach the origin while none has been answered.
+        await wait_for(lambda: len(held.transports) == 1 + N)
+        for index in range(1, 1 + N):
+            held.answer(index, b"again")
+        responses = await defer.gatherResults(pending)
+    finally:
+        await running.service.stopService()
+        await raw.stop()
+    assert all(r.body == b"again" for r in responses)
+    assert all(r.header("Cache-Status") == "cacheproxy; fwd=miss" for r in responses)

@@ -244,7 +244,8 @@ class OriginResponse:
         "code",
         "phrase",
         "version",
-        "headers",
+        "raw_headers",
+        "_headers",
         "length",
         "request",
         "previousResponse",
@@ -265,13 +266,14 @@ class OriginResponse:
         code: int,
         phrase: bytes,
         version: tuple[bytes, int, int],
-        headers: TwistedHeaders,
+        raw_headers: Headers,
         length: Any,
     ) -> None:
         self.code = code
         self.phrase = phrase
         self.version = version
-        self.headers = headers
+        self.raw_headers = raw_headers
+        self._headers: TwistedHeaders | None = None
         self.length = length
         self.request: Any = None
         self.previousResponse: Any = None
@@ -284,6 +286,16 @@ class OriginResponse:
         self._paused = False
         self._held = False
         self._stopped = False
+
+    @property
+    def headers(self) -> TwistedHeaders:
+        """The fields as IResponse has them, made when first asked for (the proxy
+        itself reads L{raw_headers})."""
+        if self._headers is None:
+            self._headers = TwistedHeaders()
+            for name, value in self.raw_headers:
+                self._headers.addRawHeader(name, value)
+        return self._headers
 
     def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
@@ -564,9 +576,6 @@ class _Connection(Protocol):
         if request is None or version is None:
             self._error = OriginProtocolError("not an HTTP/1.x response")
             raise self._error
-        headers = TwistedHeaders()
-        for name, value in self._fields:
-            headers.addRawHeader(name, value)
         # RFC 9112 section 6.3: the length of the body, in the order of its items.
         head = request.method == b"HEAD"
         if head or status == 204 or status == 304:
@@ -575,7 +584,8 @@ class _Connection(Protocol):
             length = UNKNOWN_LENGTH
         else:
             length = int(self._content_length)
-        response = OriginResponse(self, status, self._phrase, version, headers, length)
+        fields = tuple(self._fields)
+        response = OriginResponse(self, status, self._phrase, version, fields, length)
         self._response = response
         if head:
             self._complete = self._head_done = True

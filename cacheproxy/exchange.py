@@ -44,7 +44,7 @@ from cacheproxy.model import (
     with_header,
     without_headers,
 )
-from cacheproxy.origin import OriginTimeout
+from cacheproxy.origin import OriginTimeout, response_fields
 from cacheproxy.relay import OriginBody, PieceSender, discard_body, plan_body
 from cacheproxy.server import RequestBody, ResponseWriter, discarding_writer
 from cacheproxy.store import BodyWriter
@@ -1113,10 +1113,9 @@ class Exchange:
 
     def _response_head(self, response: IResponse) -> ResponseHead:
         """The origin's response head, end-to-end fields only, with a Date."""
-        raw: list[tuple[bytes, bytes]] = []
-        for name, values in response.headers.getAllRawHeaders():
-            raw.extend((name, value) for value in values)
-        headers = without_headers(policy.end_to_end(tuple(raw)), _FRAMING)
+        headers = without_headers(
+            policy.end_to_end(response_fields(response)), _FRAMING
+        )
         if header_value(headers, b"date") is None:
             # RFC 9110 section 6.6.1: a cache or forwarder adds a missing Date.
             now = self.proxy.reactor.seconds()

@@ -45,7 +45,7 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
-from cacheproxy.client import OriginClient
+from cacheproxy.client import OriginClient, OriginResponse
 from cacheproxy.model import Headers
 from cacheproxy.server import RequestBody
 
@@ -230,3 +230,14 @@ class Origin:
             return self._client.close()
         closed: defer.Deferred[None] = self._pool.closeCachedConnections()
         return closed
+
+
+def response_fields(response: IResponse) -> Headers:
+    """The response's header fields as raw pairs, in the order received."""
+    if isinstance(response, OriginResponse):
+        return response.raw_headers
+    return tuple(
+        (name, value)
+        for name, values in response.headers.getAllRawHeaders()
+        for value in values
+    )

@@ -969,8 +969,15 @@ class Exchange:
         if sink is not None:
             status += b"; stored"
         self.content_type = header_value(head.headers, b"content-type")
+        # With a known length, the head waits for the first piece of body so that
+        # a small response reaches the client in one write; a body of unknown
+        # length (a stream) gets its head at once.
         self.writer.start(
-            head.status, head.reason, head.headers + self._proxy_headers(status), length
+            head.status,
+            head.reason,
+            head.headers + self._proxy_headers(status),
+            length,
+            hold=length is not None,
         )
         memory = self.proxy.memory
         receiver = OriginBody(

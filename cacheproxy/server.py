@@ -213,6 +213,8 @@ class ResponseWriter:
         self._request = request
         self._keep_alive = keep_alive
         self._chunked = False
+        # The body's end is marked by its length or last chunk, not by the close.
+        self._delimited = False
         self._bodyless = request.method == b"HEAD"
         self.status = 0
         self.bytes_sent = 0
@@ -259,8 +261,9 @@ class ResponseWriter:
         ):
             if length is not None:
                 lines.append(b"Content-Length: %d\r\n" % length)
+                self._delimited = True
             elif self._request.version == b"1.1":
-                self._chunked = True
+                self._chunked = self._delimited = True
                 lines.append(b"Transfer-Encoding: chunked\r\n")
             else:
                 self._keep_alive = False
@@ -299,11 +302,18 @@ class ResponseWriter:
         self._keep_alive = False
 
     def abort(self) -> None:
-        """Give up mid-response: close the connection so the client sees truncation."""
+        """Give up mid-response: close the connection so the client sees truncation.
+
+        A body with a length or in chunks is visibly cut short by an orderly close
+        (RFC 9112 sections 6.3 and 8), which also lets the client read every byte
+        sent before it; only a body delimited by the close itself needs a reset.
+        """
         if self.finished:
             return
         self.finished = True
-        self._channel.response_finished(self, keep_alive=False, abort=True)
+        self._channel.response_finished(
+            self, keep_alive=False, abort=not self._delimited
+        )
 
     def error(self, status: int, message: str, headers: Headers = ()) -> None:
         """Answer with a short plain-text error of the proxy's own."""

@@ -439,7 +439,7 @@ class Exchange:
     async def _fetch_collapsed(self) -> None:
         """Fetch a miss, letting identical misses meanwhile wait and share it."""
         flights = self.proxy.flights
-        if not self._is_collapsible() or self.proxy.is_unshared(self.key):
+        if self.proxy.is_unshared(self.key) or not self._is_collapsible():
             await self._forward(self._origin_headers(), "miss")
             return
         flight = flights.get(self.key)

@@ -81,6 +81,10 @@ class OriginProtocolError(Exception):
     """The origin's response broke HTTP/1.1 framing or exceeded a limit."""
 
 
+class OriginStalled(Exception):
+    """The origin sent no body bytes for the body timeout while we were reading."""
+
+
 class _HeadDone(Exception):
     """Stops llhttp after the head of a response to HEAD (it expects a body)."""
 
@@ -406,6 +410,8 @@ class _Connection(Protocol):
         self.idle_since = 0.0
         self.pooled = False
         self.lost: defer.Deferred[None] | None = None
+        self._last_read = 0.0
+        self._stall_timer: IDelayedCall | None = None
         self.tcp: Any = None
         self._request: _Request | None = None
         self._response: OriginResponse | None = None
@@ -623,6 +629,7 @@ class _Connection(Protocol):
             self.tcp.abortConnection()
             return
         self._received = True
+        self._last_read = self._client.now()
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade:
@@ -640,13 +647,43 @@ class _Connection(Protocol):
                 self._keep = False
         if self._complete:
             self._finish()
-        elif self._response is None:
+        elif self._response is not None:
+            if self._stall_timer is None and self._client.body_timeout is not None:
+                self._watch_body(self._client.body_timeout)
+        else:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD:
                 self._broken(OriginProtocolError("the response head is too large"))
 
+    def _watch_body(self, seconds: float) -> None:
+        """Check in ``seconds`` that the body is still coming."""
+        self._stall_timer = self._client.call_later(seconds, self._check_stall)
+
+    def _check_stall(self) -> None:
+        """Give up on a body that stopped arriving, unless we stopped reading it."""
+        self._stall_timer = None
+        response, timeout = self._response, self._client.body_timeout
+        if response is None or timeout is None:
+            return
+        now = self._client.now()
+        if response._reading_paused:
+            # A slow client holds the origin back: not the origin's fault.
+            self._last_read = now
+            self._watch_body(timeout)
+        elif now - self._last_read >= timeout:
+            self._broken(OriginStalled(f"the origin sent nothing for {timeout:g} s"))
+        else:
+            self._watch_body(timeout - (now - self._last_read))
+
+    def _stop_watching(self) -> None:
+        if self._stall_timer is not None:
+            if self._stall_timer.active():
+                self._stall_timer.cancel()
+            self._stall_timer = None
+
     def _finish(self) -> None:
         """The response is complete: pool or close the connection, end the body."""
+        self._stop_watching()
         request, response = self._request, self._response
         self._request = self._response = None
         if request is None or response is None:
@@ -669,6 +706,7 @@ class _Connection(Protocol):
 
     def _broken(self, reason: Exception, wrapper: type = ResponseFailed) -> None:
         """The exchange failed here: abort the connection and report ``reason``."""
+        self._stop_watching()
         request, response = self._request, self._response
         self._request = self._response = None
         self.tcp.abortConnection()
@@ -682,6 +720,7 @@ class _Connection(Protocol):
             request.deferred.errback(failure)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_watching()
         self._client._forget(self)
         if self.lost is not None:
             self.lost.callback(None)
@@ -744,6 +783,8 @@ class OriginClient:
 
     @ivar max_idle_per_host: idle connections kept per (scheme, host, port).
     @ivar idle_timeout: seconds an idle connection is kept.
+    @ivar body_timeout: seconds a response body may send nothing, while read,
+        before the response fails (None: no limit).
     @ivar _idle: idle connections per key, the most recently used last.
     @ivar _sweeper: the call that closes connections idle too long, if due.
     @ivar _closed: close() was called; connections are no longer pooled.
@@ -760,8 +801,10 @@ class OriginClient:
         *,
         max_idle_per_host: int = 128,
         idle_timeout: float = 60,
+        body_timeout: float | None = None,
     ) -> None:
         self._reactor = reactor
+        self.body_timeout = body_timeout
         self._endpoints = endpoints
         self.max_idle_per_host = max_idle_per_host
         self.idle_timeout = idle_timeout
@@ -769,6 +812,15 @@ class OriginClient:
         self._origins: dict[bytes, _OriginInfo] = {}
         self._sweeper: IDelayedCall | None = None
         self._closed = False
+
+    def now(self) -> float:
+        """The reactor's clock."""
+        return float(self._reactor.seconds())
+
+    def call_later(self, seconds: float, function: Any) -> IDelayedCall:
+        """Schedule ``function`` on the reactor."""
+        call: IDelayedCall = self._reactor.callLater(seconds, function)
+        return call
 
     def request(
         self, method: bytes, url: bytes, headers: Headers, body: RequestBody | None

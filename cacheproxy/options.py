@@ -183,7 +183,8 @@ class Options(usage.Options):
             None,
             "60",
             "seconds to connect to an origin and receive the first byte of its "
-            "response before answering 504",
+            "response before answering 504, and that a response body may then "
+            "send nothing before it is cut off",
         ],
         [
             "connect-ports",

@@ -7,7 +7,8 @@ Rules of this module:
 - No content decoding, no redirect following: the proxy relays what the origin said,
   verbatim.
 - Connecting and waiting for the response head share one deadline (``timeout``); past it
-  the request fails with L{OriginTimeout}.
+  the request fails with L{OriginTimeout}.  A body that then sends nothing for as long
+  (while it is read: a slow client pausing us does not count) fails too.
 - ``https://`` origins (requests inside an intercepted CONNECT) are verified fully by
   the TLS policy given (the system trust store, or ``--upstream-ca``); a failure is
   an error, never a fallback to anything weaker.
@@ -192,7 +193,9 @@ class Origin:
                 timeout,
                 tls if tls is not None else BrowserLikePolicyForHTTPS(),
             )
-            self._client = OriginClient(reactor, endpoints, max_idle_per_host=per_host)
+            self._client = OriginClient(
+                reactor, endpoints, max_idle_per_host=per_host, body_timeout=timeout
+            )
         else:
             # A parent proxy gets absolute-form requests over pooled connections.
             parent = HostnameEndpoint(

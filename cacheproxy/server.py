@@ -501,11 +501,8 @@ class ProxyProtocol(Protocol):
             self._connect = head
             return
         framing = self._framing
-        if framing:
-            _check_framing(head, framing)
-            body = _request_body(framing)
-        else:
-            body = RequestBody(None, present=False)
+        _check_framing(head, framing)
+        body = _request_body(framing)
         pending = _Pending(head, body, self._parser.should_keep_alive())
         self._parsing = pending if body.present else None
         if body.present:
@@ -754,9 +751,13 @@ def _check_framing(head: RequestHead, framing: list[tuple[bytes, bytes]]) -> Non
     framing; section 6.3: a request whose final transfer coding is not chunked
     cannot be delimited.  Either is answered 400 and the connection closed.
     """
-    if sum(1 for name, _ in framing if name == b"host") > 1:
+    hosts = sum(1 for name, _ in framing if name == b"host")
+    if hosts > 1:
         # RFC 9112 section 3.2: more than one Host field line is a 400.
         raise RequestRejected(400, "more than one Host header field")
+    if hosts == 0 and head.version == b"1.1":
+        # RFC 9112 section 3.2: so is an HTTP/1.1 request without one.
+        raise RequestRejected(400, "an HTTP/1.1 request needs a Host header field")
     codings = header_list(tuple(framing), b"transfer-encoding")
     if not codings:
         return
@@ -768,6 +769,8 @@ def _check_framing(head: RequestHead, framing: list[tuple[bytes, bytes]]) -> Non
 
 def _request_body(framing: list[tuple[bytes, bytes]]) -> RequestBody:
     """The body framing the request declares (RFC 9112 section 6.3)."""
+    if not framing or (len(framing) == 1 and framing[0][0] == b"host"):
+        return RequestBody(None, present=False)  # the usual GET
     names = [name for name, _ in framing]
     if b"transfer-encoding" in names:
         return RequestBody(None, present=True)

@@ -10,8 +10,9 @@ from tests.support import Origin, fetch, send_raw
 
 
 async def _page(port: int, path: str, host: str | None = None):
-    host_line = f"Host: {host}\r\n" if host else ""
-    data = f"GET {path} HTTP/1.1\r\n{host_line}\r\n".encode()
+    # HTTP/1.1 requires Host (RFC 9112 section 3.2): the proxy's own address by default.
+    host = host or f"127.0.0.1:{port}"
+    data = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
     (response,) = await send_raw(port, data)
     return response
 

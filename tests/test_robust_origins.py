@@ -272,3 +272,24 @@ async def test_origin_that_never_accepts_is_504(tmp_path):
         listener.close()
     assert response.status == 504
     assert not list((running.cache_dir / "tmp").iterdir())
+
+
+@pytest_twisted.ensureDeferred
+async def test_origin_stalling_mid_body_is_cut_off(tmp_path):
+    """An origin that stops sending mid-body is given up after --origin-timeout:
+    the client sees the body cut short, nothing is stored, the next request
+    goes to the origin again."""
+
+    def script(transport, head_seen):
+        transport.write(
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b"s" * 100
+        )
+        # ...and nothing more, with the connection left open.
+
+    raw, first, second = await _twice(tmp_path, script, "/stall", origin_timeout=0.5)
+    assert first is not None and second is not None
+    assert first.status == 200
+    assert first.header("Content-Length") == "1000"
+    assert first.body == b"s" * 100
+    assert len(raw.requests) == 2

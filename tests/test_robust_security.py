@@ -246,6 +246,18 @@ async def test_two_host_fields_are_400(origin: Origin, proxy: RunningProxy):
     assert origin.count("/twice") == 0
 
 
+@pytest_twisted.ensureDeferred
+async def test_http11_request_without_host_is_400(origin: Origin, proxy: RunningProxy):
+    """An HTTP/1.1 request without Host is answered 400 (RFC 9112 section 3.2);
+    HTTP/1.0 needs none."""
+    url = origin.static("/nohost", b"x", {"Cache-Control": "max-age=600"})
+    (refused,) = await send_raw(proxy.port, f"GET {url} HTTP/1.1\r\n\r\n".encode())
+    assert refused.status == 400
+    assert origin.count("/nohost") == 0
+    (old,) = await send_raw(proxy.port, f"GET {url} HTTP/1.0\r\n\r\n".encode())
+    assert (old.status, old.body) == (200, b"x")
+
+
 # -- the proxy's own pages and PURGE obey --allow -------------------------------------
 
 

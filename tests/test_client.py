@@ -21,7 +21,12 @@ from twisted.web.client import BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from cacheproxy.client import OriginClient, OriginProtocolError, OriginResponse
+from cacheproxy.client import (
+    OriginClient,
+    OriginProtocolError,
+    OriginResponse,
+    OriginStalled,
+)
 from cacheproxy.intercept import describe_tls_failure, origin_tls_policy
 from cacheproxy.origin import _Endpoints
 from cacheproxy.server import RequestBody
@@ -662,3 +667,57 @@ async def test_line_break_in_field_is_refused(client: OriginClient):
     """A CR or LF inside a field fails the request before anything is sent."""
     with pytest.raises(ValueError):
         await _head(client, "http://127.0.0.1:9/", headers=((b"X", b"a\r\nY: b"),))
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_body_fails_after_the_body_timeout():
+    """A body that stops arriving while read fails once body_timeout passes
+    without a byte; the connection is not pooled."""
+    client = _client(body_timeout=0.2)
+    raw = _raw(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc")
+    port = raw.port.getHost().port
+    try:
+        response = await _head(client, raw.url("/"))
+        receiver = Body()
+        response.deliverBody(receiver)
+        await _bounded(receiver.done)
+        assert receiver.data == b"abc"
+        assert receiver.reason and receiver.reason.check(ResponseFailed)
+        reasons = receiver.reason.value.reasons  # type: ignore[union-attr]
+        assert reasons[0].check(OriginStalled)
+        assert client.idle_connections(b"http", b"127.0.0.1", port) == 0
+    finally:
+        await client.close()
+        await raw.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_paused_body_is_not_stalled():
+    """While the consumer pauses the body (a slow client), the origin's silence
+    does not count against it."""
+    client = _client(body_timeout=0.2)
+    transports: list[Any] = []
+
+    def script(transport: Any, head: bytes) -> None:
+        transports.append(transport)
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc")
+
+    raw = start_raw_origin(script)
+    try:
+        response = await _head(client, raw.url("/"))
+        receiver = Body(pause_at_first=True)
+        response.deliverBody(receiver)
+        await wait_for(lambda: receiver.chunks != [])
+        connection = response._connection  # type: ignore[union-attr]
+        connection._last_read -= 60  # long silent, but paused by us
+        connection._check_stall()
+        assert not receiver.done.called
+        assert connection._stall_timer is not None  # still watching
+        transports[0].write(b"def")
+        receiver.transport.resumeProducing()
+        await _bounded(receiver.done)
+        assert receiver.data == b"abcdef"
+        assert receiver.reason and receiver.reason.check(ResponseDone)
+    finally:
+        await client.close()
+        await raw.stop()

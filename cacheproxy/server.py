@@ -489,14 +489,10 @@ class ProxyProtocol(Protocol):
         if self.secure_origin is not None and target.startswith(b"/"):
             # RFC 9112 section 3.2.1: inside the tunnel the origin is the CONNECT's.
             target = self.secure_origin + target
-        head = RequestHead(
-            method=self._parser.get_method(),
-            target=target,
-            version=self._parser.get_http_version().encode("ascii"),
-            headers=headers,
-        )
-        if head.version not in (b"1.0", b"1.1"):
+        version = _VERSIONS.get(self._parser.get_http_version())
+        if version is None:
             raise RequestRejected(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+        head = RequestHead(self._parser.get_method(), target, version, headers)
         if head.method == b"CONNECT":
             self._connect = head
             return
@@ -603,7 +599,10 @@ class ProxyProtocol(Protocol):
         writer = ResponseWriter(self, pending.head, pending.keep_alive)
         self._active = writer
         body = pending.body
-        body.set_flow_control(lambda: self._pause("body"), lambda: self._resume("body"))
+        if body.present:
+            body.set_flow_control(
+                lambda: self._pause("body"), lambda: self._resume("body")
+            )
         if not body.complete and _expects_continue(pending.head):
             # RFC 9110 section 10.1.1: the proxy answers 100 itself and sends the
             # body on, rather than making the client wait for the origin.
@@ -738,6 +737,9 @@ class ProxyProtocol(Protocol):
         if not self._pauses and self.connected:
             self._tcp.resumeProducing()
 
+
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+"""The HTTP versions served, as httptools names them (RFC 9112 section 2.3)."""
 
 _FRAMING_FIELDS = frozenset({b"host", b"transfer-encoding", b"content-length"})
 """Request fields that decide how the message is framed, noted as they arrive."""

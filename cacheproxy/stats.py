@@ -239,19 +239,36 @@ class Stats:
         bytes_sent: int,
         elapsed: float,
     ) -> None:
-        """Count one finished request."""
+        """Count one finished request (on every request: kept to plain arithmetic)."""
         source = source_of(code)
         self.requests += 1
-        self._count_bytes(source, bytes_sent)
-        if source in ("cache", "origin"):
-            self._count_minute(now, hit=source == "cache")
+        if source == "cache" or source == "origin":
+            hit = source == "cache"
+            if hit:
+                self.hits += 1
+                self.bytes_from_cache += bytes_sent
+            else:
+                self.misses += 1
+                self.bytes_fetched += bytes_sent
+            minute = int(now // 60)
+            slot = self._minutes[minute % MINUTES]
+            if slot[0] != minute:
+                slot[:] = [minute, 0, 0]
+            slot[1 if hit else 2] += 1
+        elif source == "tunnel":
+            self.tunnel_bytes += bytes_sent
         if host and host != "-":
-            self._count_host(host)
+            hosts = self._hosts
+            hosts[host] = hosts.get(host, 0) + 1
+            if len(hosts) > MAX_HOSTS:
+                self._prune_hosts()
         self._recent.append((now, client, code, status, method, url[:2048], bytes_sent))
         # Both label values come from small fixed sets: codes are the proxy's own.
         labels = (code, method_label(method))
-        self.by_code_and_method[labels] = self.by_code_and_method.get(labels, 0) + 1
-        elapsed = max(0.0, elapsed)
+        counts = self.by_code_and_method
+        counts[labels] = counts.get(labels, 0) + 1
+        if elapsed < 0.0:
+            elapsed = 0.0
         self.duration_counts[bisect.bisect_left(DURATION_BUCKETS, elapsed)] += 1
         self.duration_sum += elapsed
 
@@ -271,29 +288,9 @@ class Stats:
         """Set the store's figures (the store is asked just before rendering)."""
         self.store_figures = (size, entries, budget)
 
-    def _count_bytes(self, source: Source, size: int) -> None:
-        if source == "cache":
-            self.hits += 1
-            self.bytes_from_cache += size
-        elif source == "origin":
-            self.misses += 1
-            self.bytes_fetched += size
-        elif source == "tunnel":
-            self.tunnel_bytes += size
-
-    def _count_minute(self, now: float, *, hit: bool) -> None:
-        minute = int(now // 60)
-        slot = self._minutes[minute % MINUTES]
-        if slot[0] != minute:
-            slot[:] = [minute, 0, 0]
-        slot[1 if hit else 2] += 1
-
-    def _count_host(self, host: str) -> None:
-        self._hosts[host] += 1
-        if len(self._hosts) > MAX_HOSTS:
-            self._hosts = collections.Counter(
-                dict(self._hosts.most_common(MAX_HOSTS // 2))
-            )
+    def _prune_hosts(self) -> None:
+        """Keep the busiest half of the hosts once there are too many."""
+        self._hosts = collections.Counter(dict(self._hosts.most_common(MAX_HOSTS // 2)))
 
     # -- read side -------------------------------------------------------------
 

@@ -20,13 +20,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import (
     IConsumer,
+    IProtocol,
+    IProtocolFactory,
     IReactorTime,
     IStreamClientEndpoint,
 )
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
 from twisted.web import _newclient
 from twisted.web.client import (
     URI,
@@ -163,9 +167,147 @@ class _Endpoints:
         return endpoint
 
 
+class _ParentHandshake(Protocol):
+    """Asks a parent proxy for a tunnel (RFC 9110 section 9.3.6) and waits for its
+    2xx; the connection is then handed over (L{_ThroughParent})."""
+
+    MAX_HEAD = 64 * 1024
+
+    def __init__(self, request: bytes) -> None:
+        self._request = request
+        self._head = b""
+        self.opened: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._request)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.opened.called:
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > self.MAX_HEAD:
+                self._refuse(b"an answer too long")
+            return
+        status_line = self._head.split(b"\r\n", 1)[0]
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[1].startswith(b"2"):
+            self._refuse(status_line)
+            return
+        # Anything after the parent's answer is already the origin's (TLS) bytes.
+        self.opened.callback(self._head[end + 4 :])
+
+    def _refuse(self, answer: bytes) -> None:
+        text = answer.decode("latin-1")
+        refused = f"the parent proxy refused the tunnel: {text}"
+        self.opened.errback(error.ConnectError(string=refused))
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.opened.called:
+            self.opened.errback(reason)
+
+
+@implementer(IStreamClientEndpoint)
+class _ThroughParent:
+    """Reaches an https origin through a CONNECT tunnel of the parent proxy, then
+    speaks TLS to the origin itself, verified as a direct connection would be.
+
+    With ``--upstream`` and ``--intercept`` together, the origin's certificate is
+    still checked here, end to end through the parent's blind tunnel.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        parent: tuple[str, int],
+        uri: URI,
+        timeout: float,
+        tls: IPolicyForHTTPS,
+        via: bytes,
+    ) -> None:
+        self._reactor = reactor
+        self._parent = parent
+        self._timeout = timeout
+        self._creator = tls.creatorForNetloc(uri.host, uri.port)
+        host = uri.host
+        authority = (b"[%s]" % host if b":" in host else host) + b":%d" % uri.port
+        self._request = b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (
+            authority,
+            authority,
+            b"Via: %s\r\n" % via if via else b"",
+        )
+
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        return defer.ensureDeferred(self._connect(factory))
+
+    async def _connect(self, factory: IProtocolFactory) -> IProtocol:
+        endpoint = HostnameEndpoint(
+            self._reactor, self._parent[0], self._parent[1], timeout=self._timeout
+        )
+        handshake = _ParentHandshake(self._request)
+        await connectProtocol(endpoint, handshake)
+        opened = handshake.opened
+        opened.addTimeout(self._timeout, self._reactor)
+        try:
+            early = await opened
+        except BaseException:
+            if handshake.transport is not None:
+                handshake.transport.loseConnection()
+            raise
+        transport: Any = handshake.transport
+        protocol = factory.buildProtocol(transport.getPeer())
+        if protocol is None:
+            transport.loseConnection()
+            raise error.ConnectError(string="the connection was refused locally")
+        # Hand the connection over: TLS wraps the new protocol, which then sees the
+        # tunnel as its own connection to the origin.
+        transport.protocol = protocol
+        transport.startTLS(self._creator)
+        protocol.makeConnection(transport)
+        if early:
+            transport.protocol.dataReceived(early)
+        return protocol
+
+
+@implementer(IAgentEndpointFactory)
+class _ParentEndpoints:
+    """Endpoints for ``https://`` origins through the parent proxy (cached)."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        parent: tuple[str, int],
+        timeout: float,
+        tls: IPolicyForHTTPS,
+        via: bytes,
+    ) -> None:
+        self._reactor = reactor
+        self._parent = parent
+        self._timeout = timeout
+        self._tls = tls
+        self._via = via
+        self._cache: dict[tuple[bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme != b"https":
+            raise SchemeNotSupported("only https:// goes through a parent's tunnel")
+        key = (uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is None:
+            if len(self._cache) >= _Endpoints.LIMIT:
+                self._cache.clear()
+            endpoint = self._cache[key] = _ThroughParent(
+                self._reactor, self._parent, uri, self._timeout, self._tls, self._via
+            )
+        return endpoint
+
+
 class Origin:
     """Sends requests to origins: directly with the lean L{OriginClient}, or through
-    a parent proxy (``--upstream``) with Agent's ProxyAgent over a pool.
+    a parent proxy (``--upstream``): ``http://`` with Agent's ProxyAgent over a pool,
+    ``https://`` (intercepted) with L{OriginClient} through the parent's tunnels.
 
     @ivar timeout: seconds allowed for connecting and receiving the response head.
     """
@@ -177,6 +319,7 @@ class Origin:
         per_host: int = 128,
         upstream: tuple[str, int] | None = None,
         tls: IPolicyForHTTPS | None = None,
+        via: bytes = b"",
     ) -> None:
         self._reactor: IReactorTime = reactor
         self.timeout = timeout
@@ -187,16 +330,15 @@ class Origin:
         self._pool.cachedConnectionTimeout = 60
         self._agent: ProxyAgent | None = None
         self._client: OriginClient | None = None
+        tls = tls if tls is not None else BrowserLikePolicyForHTTPS()
         if upstream is None:
-            endpoints = _Endpoints(
-                reactor,
-                timeout,
-                tls if tls is not None else BrowserLikePolicyForHTTPS(),
-            )
-            self._client = OriginClient(
-                reactor, endpoints, max_idle_per_host=per_host, body_timeout=timeout
-            )
+            endpoints: IAgentEndpointFactory = _Endpoints(reactor, timeout, tls)
         else:
+            endpoints = _ParentEndpoints(reactor, upstream, timeout, tls, via)
+        self._client = OriginClient(
+            reactor, endpoints, max_idle_per_host=per_host, body_timeout=timeout
+        )
+        if upstream is not None:
             # A parent proxy gets absolute-form requests over pooled connections.
             parent = HostnameEndpoint(
                 reactor, upstream[0], upstream[1], timeout=timeout
@@ -209,7 +351,8 @@ class Origin:
     ) -> defer.Deferred[IResponse]:
         """Send a request; the Deferred fires with the response head."""
         d: defer.Deferred[IResponse]
-        if self._client is not None:
+        if self._agent is None or url[:8].lower() == b"https://":
+            assert self._client is not None
             d = self._client.request(method, url, headers, body)
             d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=self._timed_out)
             return d
@@ -229,9 +372,11 @@ class Origin:
 
     def close(self) -> defer.Deferred[None]:
         """Close pooled connections."""
+        closing = [self._pool.closeCachedConnections()]
         if self._client is not None:
-            return self._client.close()
-        closed: defer.Deferred[None] = self._pool.closeCachedConnections()
+            closing.append(self._client.close())
+        await_all = defer.gatherResults(closing)
+        closed: defer.Deferred[None] = await_all.addCallback(lambda _: None)
         return closed
 
 

@@ -183,11 +183,13 @@ class ProxyService(MultiService):
         os.makedirs(config.cache_dir, exist_ok=True)
         store = Store(config.cache_dir, config.cache_size, clean=listen_fd is None)
         upstream_ca = None if config.upstream_ca is None else Path(config.upstream_ca)
+        pseudonym = proxy_pseudonym(config.cache_dir)
         origin = Origin(
             reactor,
             config.origin_timeout,
             upstream=config.upstream,
             tls=origin_tls_policy(upstream_ca),
+            via=b"1.1 " + pseudonym.encode("ascii"),
         )
         threadpool = ThreadPool(minthreads=1, maxthreads=4, name="cacheproxy-store")
         access_log = AccessLog(config.access_log, reactor)
@@ -197,7 +199,7 @@ class ProxyService(MultiService):
             store,
             origin,
             access_log,
-            proxy_pseudonym(config.cache_dir),
+            pseudonym,
             threadpool,
             interceptor=_interceptor(config),
         )

@@ -343,3 +343,45 @@ async def test_client_not_trusting_the_ca_refuses(tmp_path: Path, setup: Setup):
     finally:
         await proxy.service.stopService()
     assert setup.origin.count("/x") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_intercepted_https_through_a_parent_proxy(tmp_path: Path, setup: Setup):
+    """With --upstream, an intercepted https request reaches its origin through a
+    CONNECT tunnel of the parent, and the origin is still verified by this proxy."""
+    setup.origin.static("/via-parent", BODY, {"Cache-Control": "max-age=600"})
+    rogue = start_https_origin(
+        issue_server_cert(None, tmp_path / "rogue", stem="rogue"), host="localhost"
+    )
+    rogue.static("/x", b"secret")
+    parent = await start_proxy(
+        tmp_path / "parent", connect_ports=frozenset(range(1024, 65536))
+    )
+    child = await _proxy(tmp_path / "child", setup, upstream=("127.0.0.1", parent.port))
+    port = setup.origin.port.getHost().port
+    try:
+        first = await fetch_via_connect(
+            child.port, "localhost", port, "/via-parent", cafile=setup.ca_pem
+        )
+        second = await fetch_via_connect(
+            child.port, "localhost", port, "/via-parent", cafile=setup.ca_pem
+        )
+        refused = await fetch_via_connect(
+            child.port,
+            "localhost",
+            rogue.port.getHost().port,
+            "/x",
+            cafile=setup.ca_pem,
+        )
+    finally:
+        await child.service.stopService()
+        await parent.service.stopService()
+        await rogue.stop()
+    assert first.body == second.body == BODY
+    assert second.header("Cache-Status") == "cacheproxy; hit"
+    assert setup.origin.count("/via-parent") == 1
+    assert refused.status == 502 and b"certificate" in refused.body
+    assert rogue.count("/x") == 0
+    parent_log = parent.access_log.read_text()
+    assert "TCP_TUNNEL/200" in parent_log and f"CONNECT localhost:{port}" in parent_log
+    assert "FIRSTUP_PARENT/127.0.0.1" in child.access_log.read_text()

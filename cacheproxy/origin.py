@@ -2,7 +2,8 @@
 
 Rules of this module:
 - Direct requests go through L{cacheproxy.client.OriginClient}; with ``--upstream``,
-  through Twisted's ProxyAgent.  Either way one pool for the whole proxy, so
+  ``http://`` through Twisted's ProxyAgent and ``https://`` through the parent's
+  CONNECT tunnels (L{_ThroughParent}).  Either way one pool for the whole proxy, so
   connections to an origin are reused across clients.
 - No content decoding, no redirect following: the proxy relays what the origin said,
   verbatim.

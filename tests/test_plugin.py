@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import http.server
-import queue
-import re
 import signal
 import subprocess
-import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -15,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-TWISTD = str(Path(sys.executable).with_name("twistd"))
-DEADLINE = 30.0
+from tests.twistd_support import DEADLINE, TWISTD, TwistdProxy
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -48,54 +44,12 @@ def thread_origin() -> Iterator[str]:
     server.server_close()
 
 
-def _lines(process: subprocess.Popen[str]) -> queue.Queue[str]:
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
-def _wait_for_port(lines: queue.Queue[str]) -> int:
-    seen = []
-    while True:
-        try:
-            line = lines.get(timeout=DEADLINE)
-        except queue.Empty:
-            raise AssertionError("twistd did not start:\n" + "".join(seen)) from None
-        seen.append(line)
-        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-        if match:
-            return int(match.group(1))
-
-
 def test_twistd_runs_the_plugin(tmp_path: Path, thread_origin: str):
     """twistd finds the plugin; the proxy relays, caches, logs, and stops on SIGTERM."""
     log = tmp_path / "log" / "access.log"
-    process = subprocess.Popen(
-        [
-            TWISTD,
-            "-n",
-            "--pidfile=",
-            "cacheproxy",
-            "-p",
-            "tcp:0:interface=127.0.0.1",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--access-log",
-            str(log),
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proxy = TwistdProxy(tmp_path, "--access-log", str(log))
+    port = proxy.start()
     try:
-        port = _wait_for_port(_lines(process))
         opener = urllib.request.build_opener(
             urllib.request.ProxyHandler({"http": f"http://127.0.0.1:{port}"})
         )
@@ -108,10 +62,9 @@ def test_twistd_runs_the_plugin(tmp_path: Path, thread_origin: str):
             assert second.headers["Cache-Status"] == "cacheproxy; hit"
         assert _Handler.hits == 1
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=DEADLINE)
+        proxy.stop()
     # twistd re-raises the signal that stopped it, so its status says SIGTERM.
-    assert process.returncode in (0, -signal.SIGTERM)
+    assert proxy.returncode in (0, -signal.SIGTERM)
     lines = log.read_text().splitlines()
     assert [line.split()[3] for line in lines] == ["TCP_MISS/200", "TCP_MEM_HIT/200"]
     assert (tmp_path / "cache" / "proxy-id").exists()

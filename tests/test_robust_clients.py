@@ -26,7 +26,7 @@ from tests.support import (
     send_raw,
     wait_for,
 )
-from tests.test_robust_crash import TwistdProxy
+from tests.twistd_support import TwistdProxy
 
 HOST = "127.0.0.1"
 

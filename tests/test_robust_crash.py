@@ -4,14 +4,9 @@ serves a truncated body: a URL is a miss or a complete hit."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import http.server
 import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,103 +16,9 @@ import pytest
 
 from cacheproxy.policy import cache_key
 from cacheproxy.store import Store
+from tests.twistd_support import DEADLINE, HOST, TwistdProxy
 
-TWISTD = str(Path(sys.executable).with_name("twistd"))
-HOST = "127.0.0.1"
-DEADLINE = 30.0
 MB = 1 << 20
-
-
-class TwistdProxy:
-    """``twistd -n cacheproxy`` in a subprocess on 127.0.0.1, its port read from its
-    log line ``listening on 127.0.0.1:PORT``.
-
-    @ivar directory: holds the cache (``cache/``) and the access log.
-    @ivar options: extra command-line options.
-    @ivar port: the port of the running process, 0 before it listens.
-    """
-
-    def __init__(self, directory: Path, *options: str) -> None:
-        self.directory = directory
-        self.options = options
-        self.port = 0
-        self._process: subprocess.Popen[str] | None = None
-        self._lines: list[str] = []
-        self._listening = threading.Event()
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.directory / "cache"
-
-    def start(self) -> int:
-        """Start the process and wait until it listens; return its port."""
-        self._lines = []
-        self._listening = threading.Event()
-        self._process = subprocess.Popen(
-            [
-                TWISTD,
-                "-n",
-                "--pidfile=",
-                "cacheproxy",
-                "-p",
-                f"tcp:0:interface={HOST}",
-                "--cache-dir",
-                str(self.cache_dir),
-                "--access-log",
-                str(self.directory / "access.log"),
-                *self.options,
-            ],
-            cwd=self.directory,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._pump, args=(self._process,), daemon=True).start()
-        if not self._listening.wait(DEADLINE):
-            self.kill()
-            raise AssertionError("twistd did not start:\n" + self.output())
-        return self.port
-
-    def _pump(self, process: subprocess.Popen[str]) -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            self._lines.append(line)
-            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                self._listening.set()
-
-    def output(self) -> str:
-        """Everything the process logged so far."""
-        return "".join(self._lines)
-
-    def alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs."""
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait(timeout=DEADLINE)
-
-    def stop(self) -> None:
-        """SIGTERM and wait; SIGKILL if it does not stop in time."""
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            self._process.wait(timeout=DEADLINE)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[TwistdProxy]:
-        """Started on entry, stopped on exit."""
-        self.start()
-        try:
-            yield self
-        finally:
-            self.stop()
 
 
 def _get(port: int, url: str) -> tuple[int, dict[str, str], bytes]:

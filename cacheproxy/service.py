@@ -7,6 +7,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 from datetime import UTC, datetime
@@ -289,9 +290,24 @@ def makeService(options: Options) -> Service:
     from twisted.internet import reactor  # noqa: TID251 (the one place it is chosen)
 
     config: Config = options["config"]
+    _check_cache(config)
     if config.workers > 1:
         return Workers(config, reactor, options.raw)
     return ProxyService(config, reactor)
+
+
+def _check_cache(config: Config) -> None:
+    """Open the store once before anything starts, so that a cache that cannot be
+    opened (a damaged database, a directory without permission) stops the proxy
+    with one clear line instead of a traceback, or a worker restarted forever."""
+    try:
+        os.makedirs(config.cache_dir, exist_ok=True)
+        Store(config.cache_dir, config.cache_size).close()
+    except (sqlite3.DatabaseError, OSError) as reason:
+        raise SystemExit(
+            f"cacheproxy: cannot open the cache in {config.cache_dir}: {reason} "
+            "(move the directory away to start with an empty cache)"
+        ) from None
 
 
 class _Child(ProcessProtocol):

@@ -83,3 +83,25 @@ def test_bad_option_is_a_usage_error(tmp_path: Path):
     assert result.returncode != 0
     assert "not a size" in output
     assert "Traceback" not in output
+
+
+def test_damaged_cache_database_stops_with_one_line(tmp_path: Path):
+    """A cache database that is not SQLite stops the proxy at once with a clear
+    message naming the directory, not a traceback (nor, with --workers, a restart
+    loop)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "cache.db").write_bytes(b"this is not a database" * 1000)
+    for extra in ([], ["--workers", "2"]):
+        result = subprocess.run(
+            [TWISTD, "-n", "--pidfile=", "cacheproxy", "--cache-dir", str(cache)]
+            + ["-p", "tcp:0:interface=127.0.0.1", *extra],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode != 0
+        assert f"cannot open the cache in {cache}" in output
+        assert "Traceback" not in output

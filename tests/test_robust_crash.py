@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import diskcache
 import pytest
 
 from cacheproxy.policy import cache_key
@@ -252,6 +253,57 @@ def test_damaged_body_file_is_a_miss(tmp_path: Path, counting_origin: str, damag
         assert status == 200
         assert body == _Counting.body
         assert _Counting.hits == 2
+        assert headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
+        status, headers, body = _get(proxy.port, url)
+        assert headers["Cache-Status"].startswith("cacheproxy; hit")
+        assert body == _Counting.body
+    assert _Counting.hits == 2
+    assert "Traceback" not in proxy.output()
+
+
+def _damage_metadata(cache_dir: Path, url: str, text: str) -> None:
+    """Overwrite the stored metadata of ``url`` with ``text``, as a damaged row
+    or another program writing into the cache directory would leave it."""
+    key = "m:" + cache_key(url.encode())
+    with diskcache.Cache(str(cache_dir)) as cache:
+        assert isinstance(cache.get(key), str), "the test must damage a stored row"
+        cache.set(key, text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json {",
+        "42",
+        "{}",
+        '[{"url": 1}]',
+        '[{"vary": [], "url": "u", "status": "OK", "reason": "", "headers": [],'
+        ' "request_time": 0, "response_time": 0, "body_length": 1, "body_id": "x"}]',
+        '[{"vary": [], "url": "u", "status": 200, "reason": "", "headers": [[1, 2]],'
+        ' "request_time": 0, "response_time": 0, "body_length": 1, "body_id": "x"}]',
+    ],
+    ids=["not-json", "number", "object", "missing-fields", "bad-status", "bad-headers"],
+)
+def test_damaged_metadata_is_a_miss(tmp_path: Path, counting_origin: str, text: str):
+    """Metadata that cannot be read is a miss: the URL is fetched and stored again,
+    never answered with a 500 or wrong bytes, and the proxy keeps running."""
+    url = counting_origin + "/meta.bin"
+    with TwistdProxy(tmp_path).running() as proxy:
+        _get(proxy.port, url)
+        status, headers, _ = _get(proxy.port, url)
+        assert headers["Cache-Status"].startswith("cacheproxy; hit")
+        _damage_metadata(proxy.cache_dir, url, text)
+        # The proxy trusts what it read of a URL's metadata for up to a second
+        # (docs/caching.md); until it reads the damaged row it answers from the
+        # intact copy, which is still right.
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            status, headers, body = _get(proxy.port, url)
+            assert (status, body) == (200, _Counting.body)
+            if not headers["Cache-Status"].startswith("cacheproxy; hit"):
+                break
+            assert time.monotonic() < deadline, "the damaged row was never read"
+            time.sleep(0.05)
         assert headers["Cache-Status"] == "cacheproxy; fwd=miss; stored"
         status, headers, body = _get(proxy.port, url)
         assert headers["Cache-Status"].startswith("cacheproxy; hit")

@@ -58,11 +58,13 @@ class ProxyInfo:
     @ivar pseudonym: the proxy's ``Via`` pseudonym.
     @ivar version: the package version.
     @ivar options: the active options as ``(name, value)`` pairs, in display order.
+    @ivar worker: with ``--workers``, which process this is (``"2 of 4 (pid 123)"``).
     """
 
     pseudonym: str
     version: str
     options: tuple[tuple[str, str], ...] = ()
+    worker: str = ""
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,7 @@ def status_page(view: _View) -> Page:
         f'<p class="sub">version {_e(info.version)} &middot; '
         '<a href="/metrics">metrics</a> &middot; '
         '<a href="/proxy.pac">proxy.pac</a></p>',
+        _worker(info),
         _modes(info),
         _section("Traffic", _figures(view)),
         _section("Store", _store(view)),
@@ -216,6 +219,17 @@ def _section(heading: str, content: str) -> str:
 def _pairs(rows: Iterable[tuple[str, str]]) -> str:
     items = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in rows)
     return f"<dl>{items}</dl>"
+
+
+def _worker(info: ProxyInfo) -> str:
+    """With ``--workers``: which process answered, since the figures are its own."""
+    if not info.worker:
+        return ""
+    return (
+        f'<p class="sub">answered by worker {_e(info.worker)}: traffic figures are'
+        " this worker's own; <code>cacheproxy stats</code> adds up hits and misses"
+        " of all workers</p>"
+    )
 
 
 def _modes(info: ProxyInfo) -> str:

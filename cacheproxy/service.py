@@ -176,10 +176,11 @@ class ProxyService(MultiService):
         reactor: Any,
         *,
         listen_fd: int | None = None,
-        worker: str = "",
+        worker: tuple[int, int] | None = None,
     ) -> None:
         """``listen_fd``: a worker adopts its parent's listening socket instead of
-        binding ``config.port``; ``worker`` names it on the status page."""
+        binding ``config.port``; ``worker`` (its number, and how many there are)
+        names it on the status page and in /metrics."""
         super().__init__()
         os.makedirs(config.cache_dir, exist_ok=True)
         store = Store(config.cache_dir, config.cache_size, clean=listen_fd is None)
@@ -208,9 +209,14 @@ class ProxyService(MultiService):
             reactor, threadpool, origin, store, self.proxy.stats
         )
         self._resources.setServiceParent(self)
-        if worker:
+        if worker is not None:
+            number, workers = worker
+            self.proxy.stats.worker = (number, workers, os.getpid())
             self.proxy.info = dataclasses.replace(
-                self.proxy.info, options=self.proxy.info.options + (("worker", worker),)
+                self.proxy.info,
+                options=self.proxy.info.options
+                + (("worker", f"{number} of {workers}"),),
+                worker=f"{number} of {workers} (pid {os.getpid()})",
             )
         self._access_log = access_log
         access_log.setServiceParent(self)
@@ -390,7 +396,6 @@ class Workers(Service):
     def _spawn(self, number: int) -> None:
         assert self._port is not None
         child = _Child(self, number)
-        label = f"{number} of {self._config.workers}"
         argv = [
             sys.executable,
             "-m",
@@ -398,7 +403,7 @@ class Workers(Service):
             "--listen-fd",
             "3",
             "--worker",
-            label,
+            f"{number}/{self._config.workers}",
             "--",
             *self._arguments,
         ]

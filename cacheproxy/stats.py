@@ -185,6 +185,15 @@ class _Collector(Collector):
             "When the proxy started.",
             value=stats.started,
         )
+        if stats.worker is not None:
+            worker = GaugeMetricFamily(
+                "cacheproxy_worker",
+                "Which of the --workers processes answered this scrape (always 1);"
+                " every other figure here is that process's own.",
+                labels=["worker", "workers", "pid"],
+            )
+            worker.add_metric([str(part) for part in stats.worker], 1)
+            yield worker
 
 
 class Stats:
@@ -199,6 +208,8 @@ class Stats:
     @ivar tunnel_bytes: bytes carried by CONNECT tunnels, both ways.
     @ivar origin_errors: origins that failed (connect, timeout, broken response).
     @ivar open_connections: client connections open now.
+    @ivar worker: with ``--workers``, which process this is: its number, the
+        number of workers and its pid (every other figure is this process's own).
     @ivar registry: the Prometheus registry holding this proxy's metrics.
     """
 
@@ -216,6 +227,7 @@ class Stats:
         self.origin_errors = 0
         self.open_connections = 0
         self.store_figures = (0, 0, 0)
+        self.worker: tuple[int, int, int] | None = None
         self._hosts: collections.Counter[str] = collections.Counter()
         # Plain tuples and lists: cheap to write on every request, read rarely.
         self._recent: collections.deque[tuple[float, str, str, int, bytes, bytes, int]]

@@ -2,7 +2,7 @@
 passed down, with the same options as the parent.
 
 Run by L{cacheproxy.service.Workers}, not by people:
-``python -m cacheproxy.worker --listen-fd 3 --worker "1 of 4" -- <options>``.
+``python -m cacheproxy.worker --listen-fd 3 --worker 1/4 -- <options>``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,17 @@ from cacheproxy.options import Options
 from cacheproxy.service import ProxyService
 
 
+def _worker(text: str) -> tuple[int, int]:
+    """``"2/4"``: worker 2 of 4."""
+    number, _, workers = text.partition("/")
+    return int(number), int(workers)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, adopt the socket, run until SIGTERM."""
     parser = argparse.ArgumentParser(prog="cacheproxy.worker")
     parser.add_argument("--listen-fd", type=int, required=True)
-    parser.add_argument("--worker", default="")
+    parser.add_argument("--worker", type=_worker, default=None, help="NUMBER/WORKERS")
     parser.add_argument("options", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     raw = args.options[1:] if args.options[:1] == ["--"] else args.options

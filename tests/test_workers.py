@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import urllib.request
 from pathlib import Path
@@ -48,3 +49,48 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+def test_pages_say_which_worker_answered(tmp_path: Path):
+    """With --workers, the status page and /metrics name the process that answered,
+    since their figures are that process's own."""
+    proxy = TwistdProxy(tmp_path, "--workers", "2")
+    port = proxy.start(r"listening on 127\.0\.0\.1:(\d+) with 2")
+    try:
+        pids = {
+            int(proxy.wait_for(r"started worker \d \(pid (\d+)\)")[1]) for _ in "12"
+        }
+        proxy.wait_for(r"worker \d: .*listening on")
+        proxy.wait_for(r"worker \d: .*listening on")
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        base = f"http://127.0.0.1:{port}"
+        page = direct.open(base + "/", timeout=DEADLINE).read().decode()
+        match = re.search(r"answered by worker ([12]) of 2 \(pid (\d+)\)", page)
+        assert match is not None, page
+        assert int(match[2]) in pids
+        metrics = direct.open(base + "/metrics", timeout=DEADLINE).read().decode()
+        match = re.search(
+            r'^cacheproxy_worker\{pid="(\d+)",worker="([12])",workers="2"\} 1\.0$',
+            metrics,
+            re.MULTILINE,
+        )
+        assert match is not None, metrics
+        assert int(match[1]) in pids
+    finally:
+        proxy.stop()
+
+
+def test_a_single_process_names_no_worker(tmp_path: Path):
+    proxy = TwistdProxy(tmp_path)
+    port = proxy.start()
+    try:
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        base = f"http://127.0.0.1:{port}"
+        page = direct.open(base + "/", timeout=DEADLINE).read().decode()
+        assert "cacheproxy" in page
+        assert "answered by worker" not in page
+        metrics = direct.open(base + "/metrics", timeout=DEADLINE).read().decode()
+        assert "cacheproxy_requests_total" in metrics
+        assert "cacheproxy_worker" not in metrics
+    finally:
+        proxy.stop()

@@ -173,6 +173,25 @@ async def test_other_hosts_are_tunnelled_blind(tmp_path: Path, setup: Setup):
 
 
 @pytest_twisted.ensureDeferred
+async def test_intercept_keeps_to_the_connect_ports(tmp_path: Path, setup: Setup):
+    """--intercept widens nothing: a CONNECT to an intercepted host on a port that
+    --connect-ports does not allow is refused with 403, before any TLS."""
+    setup.origin.static("/p", b"never", {"Cache-Control": "max-age=600"})
+    port = setup.origin.port.getHost().port
+    proxy = await _proxy(tmp_path, setup, connect_ports=frozenset({443}))
+    try:
+        with pytest.raises(OSError, match="403"):
+            await fetch_via_connect(
+                proxy.port, "localhost", port, "/p", cafile=setup.ca_pem
+            )
+    finally:
+        await proxy.service.stopService()
+    assert setup.origin.count("/p") == 0
+    log = proxy.access_log.read_text()
+    assert "TCP_DENIED/403 " in log and f" CONNECT localhost:{port} " in log
+
+
+@pytest_twisted.ensureDeferred
 async def test_offline_replays_intercepted_https(tmp_path: Path, setup: Setup):
     """--offline accepts CONNECTs to intercepted hosts and answers from the store,
     with the origin gone."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from cacheproxy.model import ResponseHead
@@ -106,9 +106,15 @@ class Flight:
             listener()
 
 
-@implementer(IPullProducer)
+@implementer(IPushProducer)
 class Tail:
-    """Sends a growing body file to a consumer, waiting for the flight as needed."""
+    """Sends a growing body file to a consumer, waiting for the flight as needed.
+
+    A push producer: it writes while the consumer has room and, once it has sent
+    all the file holds, waits for the flight's next progress.  (As a pull producer
+    it was asked for data over and over while caught up on a TLS connection, whose
+    transport drives pull producers in a loop until they write.)
+    """
 
     CHUNK = 1 << 16
 
@@ -117,6 +123,7 @@ class Tail:
         self._flight = flight
         self._consumer = consumer
         self._sent = 0
+        self._paused = False
         self._waiting = False
         self.done: defer.Deferred[bool] = defer.Deferred()
 
@@ -125,31 +132,40 @@ class Tail:
         if not self._consumer.connected:
             self._end(False)
         else:
-            self._consumer.registerProducer(self, False)
+            self._consumer.registerProducer(self, True)
+            self._send()
         return self.done
 
-    def resumeProducing(self) -> None:
-        if self.done.called:
-            return
-        data = self._file.read(self.CHUNK)
-        if data:
-            self._sent += len(data)
-            self._consumer.write(data)
-            return
-        flight = self._flight
-        if flight.finished:
-            self._end(flight.complete and self._sent == flight.size)
-            return
-        if not self._waiting:
-            self._waiting = True
-            flight.listen(self._more)
+    def pauseProducing(self) -> None:
+        self._paused = True
 
-    def _more(self) -> None:
-        self._waiting = False
-        self.resumeProducing()
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._send()
 
     def stopProducing(self) -> None:
         self._end(False)
+
+    def _send(self) -> None:
+        """Write what the file holds until the consumer pauses us (each write of a
+        full chunk fills its buffer soon), then wait for the flight."""
+        while not self._paused and not self.done.called:
+            data = self._file.read(self.CHUNK)
+            if data:
+                self._sent += len(data)
+                self._consumer.write(data)
+                continue
+            flight = self._flight
+            if flight.finished:
+                self._end(flight.complete and self._sent == flight.size)
+            elif not self._waiting:
+                self._waiting = True
+                flight.listen(self._more)
+            return
+
+    def _more(self) -> None:
+        self._waiting = False
+        self._send()
 
     def _end(self, whole: bool) -> None:
         if self.done.called:

@@ -301,7 +301,7 @@ class RawOrigin:
 
     async def stop(self) -> None:
         for connection in self.connections:
-            if connection.transport is not None:
+            if connection.transport is not None and connection.transport.connected:
                 connection.transport.abortConnection()
         await defer.maybeDeferred(self.port.stopListening)
 

@@ -10,7 +10,7 @@ import os
 import ssl
 import sys
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,12 +18,14 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from cryptography import x509
-from twisted.internet import reactor, utils
+from twisted.internet import defer, reactor, task, utils
 from twisted.python import usage
 
+from cacheproxy import collapse
 from cacheproxy.ca import init_ca
 from cacheproxy.options import Options
 from tests.conftest import RunningProxy, start_proxy
+from tests.support import wait_for
 from tests.tls_support import (
     HTTPSOrigin,
     ServerCert,
@@ -32,6 +34,7 @@ from tests.tls_support import (
     issue_server_cert,
     make_test_ca,
     start_https_origin,
+    start_raw_https_origin,
 )
 
 BODY = bytes(range(256)) * 40
@@ -189,6 +192,75 @@ async def test_intercept_keeps_to_the_connect_ports(tmp_path: Path, setup: Setup
     assert setup.origin.count("/p") == 0
     log = proxy.access_log.read_text()
     assert "TCP_DENIED/403 " in log and f" CONNECT localhost:{port} " in log
+
+
+@pytest_twisted.ensureDeferred
+async def test_collapsed_follower_over_tls_waits_quietly(
+    tmp_path: Path, setup: Setup, monkeypatch: pytest.MonkeyPatch
+):
+    """Two clients miss the same https URL at once: the second follows the first's
+    fetch.  While it has caught up with a stalled origin it is not asked for data
+    over and over (a busy loop that held the CPU, seen with curl), and both get the
+    whole body once the origin goes on."""
+    first_half, second_half = BODY[: len(BODY) // 2], BODY[len(BODY) // 2 :]
+    transports: list = []
+    raw = start_raw_https_origin(
+        setup.origin_cert, lambda t, head: transports.append(t)
+    )
+    asked = 0
+    caught_up_at: list[int] = []
+    resume, listen = collapse.Tail.resumeProducing, collapse.Flight.listen
+
+    def counting(self: collapse.Tail) -> None:
+        nonlocal asked
+        asked += 1
+        resume(self)
+
+    def noting(self: collapse.Flight, listener: Callable[[], None]) -> None:
+        # A follower listens for progress when it has sent all the file holds.
+        caught_up_at.append(self.size)
+        listen(self, listener)
+
+    monkeypatch.setattr(collapse.Tail, "resumeProducing", counting)
+    monkeypatch.setattr(collapse.Flight, "listen", noting)
+    proxy = await _proxy(tmp_path, setup)
+    port = raw.port.getHost().port
+    url = f"https://localhost:{port}/big"
+    flights = proxy.service.proxy.flights
+    try:
+        pending = [
+            fetch_via_connect(
+                proxy.port, "localhost", port, "/big", cafile=setup.ca_pem
+            )
+            for _ in range(2)
+        ]
+        await wait_for(lambda: len(transports) == 1)
+        await wait_for(lambda: sum(f.followers for f in flights.values()) == 1)
+        transports[0].write(
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(BODY), first_half)
+        )
+        await wait_for(lambda: len(first_half) in caught_up_at)
+        # The follower has everything the origin sent; let the reactor turn a
+        # while and see how often it is asked for more.
+        before = asked
+        for _ in range(20):
+            await task.deferLater(reactor, 0, lambda: None)
+        quiet = asked - before
+        transports[0].write(second_half)
+        responses = await defer.gatherResults(pending)
+    finally:
+        await proxy.service.stopService()
+        await raw.stop()
+    assert quiet <= 2, f"a caught-up follower was asked for data {quiet} times"
+    assert [r.body for r in responses] == [BODY, BODY]
+    statuses = sorted(r.header("Cache-Status") or "" for r in responses)
+    assert statuses == [
+        "cacheproxy; fwd=miss; collapsed",
+        "cacheproxy; fwd=miss; stored",
+    ]
+    assert len(raw.requests) == 1
+    assert url in proxy.access_log.read_text()
 
 
 @pytest_twisted.ensureDeferred

@@ -28,7 +28,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
-from tests.support import Origin, _CountingSite
+from tests.support import Origin, RawOrigin, _CountingSite, _RawOriginProtocol
 
 TIMEOUT = 10.0
 """Seconds a blocking client waits on any one socket operation."""
@@ -210,6 +210,18 @@ def start_https_origin(cert: ServerCert, host: str = "127.0.0.1") -> HTTPSOrigin
     site.noisy = False
     origin.port = reactor.listenSSL(
         0, site, _ServerOptions(cert), interface="127.0.0.1"
+    )
+    return origin
+
+
+def start_raw_https_origin(cert: ServerCert, script: Any) -> RawOrigin:
+    """The scripted raw origin of tests/support.py over TLS, presenting ``cert``;
+    ``script(transport, head)`` answers each request."""
+    origin = RawOrigin(script)
+    factory = protocol.Factory.forProtocol(lambda: _RawOriginProtocol(origin))
+    factory.noisy = False
+    origin.port = reactor.listenSSL(
+        0, factory, _ServerOptions(cert), interface="127.0.0.1"
     )
     return origin
 

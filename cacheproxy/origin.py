@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IConsumer,
     IProtocol,
@@ -54,6 +54,7 @@ from zope.interface import implementer
 from cacheproxy.client import OriginClient, OriginResponse
 from cacheproxy.model import Headers
 from cacheproxy.server import RequestBody
+from cacheproxy.tunnel import connect_quietly
 
 
 class _ConnectionShowingParser(_newclient.HTTPClientParser):
@@ -248,7 +249,7 @@ class _ThroughParent:
             self._reactor, self._parent[0], self._parent[1], timeout=self._timeout
         )
         handshake = _ParentHandshake(self._request)
-        await connectProtocol(endpoint, handshake)
+        await connect_quietly(endpoint, handshake)
         opened = handshake.opened
         opened.addTimeout(self._timeout, self._reactor)
         try:

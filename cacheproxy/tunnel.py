@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -151,7 +151,7 @@ class Tunnel:
         endpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
         side = _TargetSide(self, request)
         try:
-            connecting = connectProtocol(endpoint, side)
+            connecting = connect_quietly(endpoint, side)
             connecting.addTimeout(timeout, self._reactor)
             await connecting
             ready = side.ready
@@ -226,3 +226,24 @@ class Tunnel:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._on_close(self)
+
+
+class _OneProtocol(Factory):
+    """Builds the one protocol it was given, like the factory of Twisted's
+    ``connectProtocol``, but without a pair of log lines per connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
+
+
+def connect_quietly(
+    endpoint: IStreamClientEndpoint, protocol: Protocol
+) -> defer.Deferred[IProtocol]:
+    """Connect ``protocol`` through ``endpoint`` (``connectProtocol``, minus the
+    "Starting factory" / "Stopping factory" lines in the log)."""
+    return endpoint.connect(_OneProtocol(protocol))

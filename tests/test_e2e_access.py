@@ -7,8 +7,10 @@ import socket
 
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.logger import formatEvent, globalLogPublisher
 
+from cacheproxy.tunnel import connect_quietly
 from tests.conftest import RunningProxy, start_proxy
 from tests.support import TIMEOUT, Origin, fetch, send_raw, wait_for
 
@@ -103,7 +105,7 @@ ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 async def _open_tunnel(proxy_port: int, target_port: int, first: bytes):
     client = _TunnelClient()
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", proxy_port)
-    await connectProtocol(endpoint, client)
+    await connect_quietly(endpoint, client)
     client.transport.write(
         b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n%s"
         % (target_port, target_port, first)
@@ -117,6 +119,9 @@ async def test_connect_tunnel_carries_bytes_both_ways(tmp_path):
     echo, factory = _echo_server()
     port = echo.getHost().port
     running = await start_proxy(tmp_path, connect_ports=frozenset({port}))
+    logged: list[str] = []
+    observer = lambda event: logged.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
     try:
         client = await _open_tunnel(running.port, port, b"first bytes")
         await client.expect(len(ESTABLISHED) + len(b"first bytes"))
@@ -129,12 +134,17 @@ async def test_connect_tunnel_carries_bytes_both_ways(tmp_path):
         await client.gone
         await wait_for(lambda: len(factory.closed) == 1)
         await wait_for(lambda: "TCP_TUNNEL/200" in _log(running), timeout=3)
+        globalLogPublisher.removeObserver(observer)
         (metrics,) = await send_raw(
             running.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
         )
     finally:
+        globalLogPublisher.removeObserver(observer)
         await running.service.stopService()
         await echo.stopListening()
+    # A tunnel is one access-log line, not also a pair of "Starting factory" /
+    # "Stopping factory" lines in the proxy's own log.
+    assert not [line for line in logged if "factory" in line], logged
     line = next(x for x in _log(running).splitlines() if "TCP_TUNNEL" in x)
     assert int(line.split()[4]) == 2 * (11 + len(payload))
     tunnelled = [

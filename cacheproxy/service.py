@@ -43,6 +43,9 @@ log = Logger()
 
 CULL_INTERVAL = 60.0
 COUNTERS_INTERVAL = 10.0
+USE_INTERVAL = 10.0
+"""Seconds between marking the entries read meanwhile as used (Store.record_use):
+how coarse least-recently-used eviction sees hits."""
 DRAIN_SECONDS = 10.0
 
 
@@ -90,12 +93,15 @@ class _Resources(Service):
         self._culling.clock = reactor
         self._counting = LoopingCall(self._write_counters)
         self._counting.clock = reactor
+        self._marking = LoopingCall(self._record_use)
+        self._marking.clock = reactor
 
     def startService(self) -> None:
         super().startService()
         self._threadpool.start()
         self._culling.start(CULL_INTERVAL, now=False)
         self._counting.start(COUNTERS_INTERVAL, now=False)
+        self._marking.start(USE_INTERVAL, now=False)
 
     def _write_counters(self) -> defer.Deferred[None] | None:
         """Add this process's new hits and misses to the store's counters, which
@@ -110,6 +116,15 @@ class _Resources(Service):
         )
         written.addErrback(lambda f: log.failure("writing counters failed", f))
         return written
+
+    def _record_use(self) -> defer.Deferred[int]:
+        """Tell the store's LRU bookkeeping which entries were read, off the
+        reactor thread and in batches, so that no hit writes to SQLite."""
+        marked = threads.deferToThreadPool(
+            self._reactor, self._threadpool, self._store.record_use
+        )
+        marked.addErrback(lambda f: log.failure("recording store use failed", f))
+        return marked
 
     def _cull(self) -> defer.Deferred[int]:
         # diskcache culls a few entries per write only, so a busy store can overrun
@@ -128,6 +143,9 @@ class _Resources(Service):
         if self._counting.running:
             self._counting.stop()
             yield self._write_counters()
+        if self._marking.running:
+            self._marking.stop()
+            yield self._record_use()
         yield self._origin.close()
         self._threadpool.stop()
         self._store.close()

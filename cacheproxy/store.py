@@ -12,6 +12,11 @@ Rules of this module:
 - Eviction may remove a body and keep its metadata, or the reverse; readers see a
   missing body as C{None} and the dangling metadata is dropped.
 - Every method is safe to call from several threads at once.
+- Reading writes nothing: lookups and body opens go through a second handle on the
+  same database whose eviction policy is off in memory only, and the keys read are
+  remembered.  L{Store.record_use} later marks them used, many in one short
+  transaction, so least-recently-used eviction still sees them (within the interval
+  the service calls it at) while a hit costs no SQLite write.
 - ``"s:counters"`` holds the proxy's request counters as a JSON ``str`` object of
   counter name to integer (``{"hit": 12, "miss": 3, ...}``), merged by
   L{Store.add_counters} so several workers and processes can add to it.
@@ -103,6 +108,7 @@ class Store:
             eviction_policy=_EVICTION_POLICY,
             disk=_MovingDisk,
         )
+        self._open_reader()
         os.makedirs(self.tmp_directory, exist_ok=True)
         if not clean:
             return
@@ -114,15 +120,27 @@ class Store:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(item.path)
 
+    def _open_reader(self) -> None:
+        """The handle that reads without writing (see the module's rules)."""
+        # No settings passed: it takes those saved by the main handle.  The policy
+        # is switched off on this handle only (update=False leaves the database's
+        # setting alone), which makes diskcache's get a plain SELECT.
+        self._reader: Any = diskcache.Cache(self.directory, disk=_MovingDisk)
+        self._reader.reset("eviction_policy", "none", update=False)
+        self._used: set[str] = set()
+        self._used_lock = threading.Lock()
+
     def lookup(self, key: str) -> list[Entry]:
         """Every stored variant of ``key``; empty if none."""
-        return self._read(key)
+        self._note_use(_META + key)
+        return self._read(key, self._reader)
 
     def open_body(self, entry: Entry) -> BinaryIO | None:
         """A readable binary file of ``entry``'s body, or None if it was evicted."""
         if entry.body_length == 0:
             return io.BytesIO(b"")
-        value = self._cache.get(_BODY + entry.body_id, default=None, read=True)
+        self._note_use(_BODY + entry.body_id)
+        value = self._reader.get(_BODY + entry.body_id, default=None, read=True)
         if isinstance(value, bytes):
             # diskcache returns bytes for a value kept inline in SQLite (not
             # one we stored: read=True always makes a file); serve it all the same.
@@ -182,10 +200,30 @@ class Store:
         return len(variants)
 
     def entries(self) -> Iterator[Entry]:
-        """Every stored entry (each lookup counts as a use for eviction)."""
+        """Every stored entry (listing them does not count as using them)."""
         for name in self._cache:
             if isinstance(name, str) and name.startswith(_META):
-                yield from self._read(name[len(_META) :])
+                yield from self._read(name[len(_META) :], self._reader)
+
+    def record_use(self, batch: int = 256) -> int:
+        """Mark the items read since the last call as used, for LRU eviction, in
+        transactions of up to ``batch`` items; return how many were marked."""
+        with self._used_lock:
+            used, self._used = self._used, set()
+        names = sorted(used)
+        for start in range(0, len(names), batch):
+            with self._cache.transact():
+                for name in names[start : start + batch]:
+                    # diskcache's get on the LRU handle sets the access time; a
+                    # body comes back as an open file, closed at once.
+                    value = self._cache.get(name, default=None, read=True)
+                    if hasattr(value, "close"):
+                        value.close()
+        return len(names)
+
+    def _note_use(self, name: str) -> None:
+        with self._used_lock:
+            self._used.add(name)
 
     def count(self) -> int:
         """How many URLs are stored (walks the keys; it touches no entry)."""
@@ -202,8 +240,9 @@ class Store:
         return int(self._cache.cull())
 
     def close(self) -> None:
-        """Close the calling thread's database connection."""
+        """Close the calling thread's database connections."""
         self._cache.close()
+        self._reader.close()
 
     @classmethod
     def open_existing(cls, directory: str) -> Store:
@@ -221,6 +260,7 @@ class Store:
         # No settings: diskcache keeps the size limit and policy saved in the
         # directory, where passing them would overwrite the proxy's.
         store._cache = diskcache.Cache(directory, disk=_MovingDisk)
+        store._open_reader()
         os.makedirs(store.tmp_directory, exist_ok=True)
         return store
 
@@ -306,9 +346,10 @@ class Store:
         self._delete_bodies(v.body_id for v in superseded)
         return stored
 
-    def _read(self, key: str) -> list[Entry]:
-        """The variants stored for ``key``, decoded from JSON."""
-        raw = self._cache.get(_META + key, default=None)
+    def _read(self, key: str, handle: Any = None) -> list[Entry]:
+        """The variants stored for ``key``, decoded from JSON; read through
+        ``handle`` (default: the main handle, as inside its transactions)."""
+        raw = (self._cache if handle is None else handle).get(_META + key, default=None)
         if not isinstance(raw, str):
             return []
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from email.utils import formatdate
 
 import pytest_twisted
@@ -354,6 +355,28 @@ async def test_memory_hit_then_disk_hit_without_memory_tier(origin: Origin, tmp_
     assert from_memory.body == from_disk.body == b"tiny"
     assert from_memory.header("Cache-Status") == "cacheproxy; hit"
     assert from_disk.header("Cache-Status") == "cacheproxy; hit"
+
+
+@pytest_twisted.ensureDeferred
+async def test_disk_hits_write_nothing_and_count_for_eviction(origin: Origin, tmp_path):
+    """Disk hits commit no SQLite write while they are served; the proxy marks
+    them used for LRU eviction afterwards (at the latest when it stops)."""
+    url = origin.static("/disk", b"d" * 1000, {"Cache-Control": "max-age=300"})
+    running = await start_proxy(tmp_path, memory_cache=0)
+    database = sqlite3.connect(str(running.cache_dir / "cache.db"))
+    try:
+        await fetch(running.port, "GET", url)
+        stored = dict(database.execute("SELECT key, access_time FROM Cache"))
+        version = database.execute("PRAGMA data_version").fetchone()
+        hits = [await fetch(running.port, "GET", url) for _ in range(3)]
+        assert database.execute("PRAGMA data_version").fetchone() == version
+    finally:
+        await running.service.stopService()
+    assert [hit.header("Cache-Status") for hit in hits] == ["cacheproxy; hit"] * 3
+    used = dict(database.execute("SELECT key, access_time FROM Cache"))
+    database.close()
+    bodies = [key for key in stored if key.startswith("b:")]
+    assert bodies and all(used[key] > stored[key] for key in bodies)
 
 
 @pytest_twisted.ensureDeferred

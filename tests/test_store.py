@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import sqlite3
 import sys
 import threading
 from collections.abc import Iterator
@@ -346,3 +347,59 @@ def test_store_imports_no_twisted() -> None:
     assert {
         m for m in modules if m.split(".")[0] not in allowed and m != "cacheproxy.model"
     } == set()
+
+
+def _data_version(connection: sqlite3.Connection) -> int:
+    """SQLite's data_version: it changes when another connection commits a write."""
+    return int(connection.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _access_times(connection: sqlite3.Connection) -> dict[str, float]:
+    rows = connection.execute("SELECT key, access_time FROM Cache").fetchall()
+    return {str(key): float(when) for key, when in rows}
+
+
+def test_a_hit_writes_nothing_until_use_is_recorded(store: Store, tmp_path: Path):
+    """Looking an entry up and opening its body commit no SQLite write; the reads
+    are marked as uses later, in one batch, for LRU eviction."""
+    stored = store_body(store, b"body" * 100_000)
+    watcher = sqlite3.connect(str(tmp_path / "cache.db"))
+    try:
+        before, times = _data_version(watcher), _access_times(watcher)
+        for _ in range(5):
+            (entry,) = store.lookup(KEY)
+            assert read_body(store, entry) == b"body" * 100_000
+        assert _data_version(watcher) == before
+        assert _access_times(watcher) == times
+        assert store.record_use() == 2  # the metadata and the body
+        assert _data_version(watcher) != before
+        after = _access_times(watcher)
+        for name in ("m:" + KEY, "b:" + stored.body_id):
+            assert after[name] > times[name]
+        assert store.record_use() == 0
+    finally:
+        watcher.close()
+
+
+def test_recorded_use_keeps_an_entry_from_eviction(tmp_path: Path):
+    """Least recently used goes first: an entry read (and its use recorded) outlives
+    the ones stored after it but never read."""
+    small = Store(str(tmp_path), size_limit=MiB)
+    body = b"x" * 100_000
+    keys = [f"http://host/{n}" for n in range(12)]
+    entries = [store_body(small, body, make_entry(key=key)) for key in keys[:9]]
+    (first,) = small.lookup(keys[0])
+    assert read_body(small, first) == body
+    small.record_use()
+    for key in keys[9:]:
+        store_body(small, body, make_entry(key=key))
+    small.cull()
+    assert read_body(small, entries[0]) == body, "the entry just used was evicted"
+    assert small.lookup(keys[1]) == [], "the least recently used entry was kept"
+    small.close()
+
+
+def test_listing_entries_does_not_count_as_use(store: Store, tmp_path: Path):
+    store_body(store, b"listed")
+    assert [e.key for e in store.entries()] == [KEY]
+    assert store.record_use() == 0

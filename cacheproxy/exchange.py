@@ -76,6 +76,16 @@ _RANGE = frozenset({b"range", b"if-range"})
 _RECORDED_STATUSES = frozenset({200, 203, 204, 301, 308, 404, 410})
 # The errors stale-if-error covers (RFC 5861 section 4).
 _SERVER_ERRORS = frozenset({500, 502, 503, 504})
+# The Cache-Status detail of the proxy's own errors, by status (Exchange.fail).
+_ERROR_DETAILS = {
+    400: "bad-request",
+    403: "denied",
+    405: "method-not-allowed",
+    500: "internal-error",
+    502: "origin-error",
+    504: "origin-timeout",
+    508: "loop",
+}
 
 
 class OriginUnreachable(Exception):
@@ -116,6 +126,8 @@ class Exchange:
         self.local = local
         self.started = proxy.reactor.seconds()
         self.key = ""
+        # Why the request went to the origin (RFC 9211 fwd), once it did.
+        self.fwd = ""
         self.background = False
         self.recording = False
         self.flight: Flight | None = None
@@ -398,7 +410,11 @@ class Exchange:
                 await self._forward(self._origin_headers(), "miss")
             return
         if verdict.action is policy.Action.GATEWAY_TIMEOUT:
-            self.fail(504, "only-if-cached: the response is not in the cache")
+            self.fail(
+                504,
+                "only-if-cached: the response is not in the cache",
+                detail="only-if-cached",
+            )
             return
         elif verdict.action is policy.Action.REVALIDATE and verdict.entry is not None:
             entry = verdict.entry
@@ -497,7 +513,11 @@ class Exchange:
             if await self._serve_stored(entry, "TCP_OFFLINE_HIT", status):
                 return
         url = self.request.target.decode("latin-1")
-        self.fail(504, f"the proxy is offline and has no stored response for {url}")
+        self.fail(
+            504,
+            f"the proxy is offline and has no stored response for {url}",
+            detail="offline",
+        )
 
     async def _serve_page(self, path: bytes) -> None:
         """The proxy's own pages: status, /metrics, /proxy.pac (pages.py)."""
@@ -729,7 +749,7 @@ class Exchange:
 
     async def _revalidate(self, entry: Entry, verdict: policy.Verdict) -> None:
         """Ask the origin whether ``entry`` is still good (RFC 9111 section 4.3)."""
-        fwd = "stale" if verdict.stale else "request"
+        fwd = self.fwd = "stale" if verdict.stale else "request"
         conditional = policy.conditional_headers([entry])
         headers = self._origin_headers(conditional)
         request_time = self.proxy.reactor.seconds()
@@ -764,6 +784,7 @@ class Exchange:
             return
         headers = self._origin_headers(policy.conditional_headers(tagged))
         request_time = self.proxy.reactor.seconds()
+        self.fwd = "vary-miss"
         response = await self._request(headers)
         if response is not None:
             times = (request_time, self.proxy.reactor.seconds())
@@ -841,7 +862,9 @@ class Exchange:
         """
         if policy.forbids_stale(entry.response):
             self.fail(
-                504, f"{failure.message}; the stored response must be revalidated"
+                504,
+                f"{failure.message}; the stored response must be revalidated",
+                detail="must-revalidate",
             )
             self.code = "TCP_REFRESH_FAIL_ERR"
             return
@@ -884,6 +907,7 @@ class Exchange:
 
     async def _forward(self, headers: Headers, fwd: str) -> None:
         """Send the request to the origin and relay the response."""
+        self.fwd = fwd
         request_time = self.proxy.reactor.seconds()
         response = await self._request(headers)
         if response is not None:
@@ -1162,8 +1186,23 @@ class Exchange:
         """The origin's host (and port, when not the default) from the cache key."""
         return self.key.split("/")[2] if self.key.count("/") >= 2 else "-"
 
-    def fail(self, status: int, message: str, headers: Headers = ()) -> None:
-        """Answer with an error of the proxy's own."""
+    def fail(
+        self, status: int, message: str, headers: Headers = (), detail: str = ""
+    ) -> None:
+        """Answer with an error of the proxy's own.
+
+        An error for a proxied URL carries ``Cache-Status`` too (RFC 9211 section
+        2.8 ``detail``: ``detail``, or a word for the status), with ``fwd`` if the
+        request had gone to the origin.
+        """
+        fields = headers + self._via()
+        target = self.request.target
+        if self.request.method != b"CONNECT" and self._is_proxied_url(target):
+            status_text = b"cacheproxy; "
+            if self.fwd:
+                status_text += b"fwd=" + self.fwd.encode("ascii") + b"; "
+            word = detail or _ERROR_DETAILS.get(status, "error")
+            fields += ((b"Cache-Status", status_text + b"detail=" + word.encode()),)
         self.code = "NONE_NONE" if status != 403 else "TCP_DENIED"
         log.info(
             "{client} {method} {url}: {status} {message}",
@@ -1174,7 +1213,7 @@ class Exchange:
             message=message,
         )
         self.content_type = b"text/plain"
-        self.writer.error(status, message, headers + self._via())
+        self.writer.error(status, message, fields)
 
     def log_access(self) -> None:
         """Queue this exchange's access-log line."""

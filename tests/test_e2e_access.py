@@ -32,6 +32,7 @@ async def test_client_outside_allow_gets_403(origin: Origin, tmp_path):
         await running.service.stopService()
     assert response.status == 403
     assert response.header("Content-Type").startswith("text/plain")
+    assert response.header("Cache-Status") == "cacheproxy; detail=denied"
     assert connect[0].status == 403
     assert origin.count("/secret") == 0
     assert "TCP_DENIED/403" in running.access_log.read_text()

@@ -84,6 +84,10 @@ async def test_refused_connection_is_502(proxy: RunningProxy):
     response = await fetch(proxy.port, "GET", f"http://127.0.0.1:{port}/x")
     assert response.status == 502
     assert f"127.0.0.1:{port}" in response.body.decode()
+    # RFC 9211: the request went forward as a miss and the cache made the error.
+    assert (
+        response.header("Cache-Status") == "cacheproxy; fwd=miss; detail=origin-error"
+    )
 
 
 @pytest_twisted.ensureDeferred

@@ -126,6 +126,7 @@ async def test_untrusted_origin_certificate_is_502(tmp_path: Path, setup: Setup)
     assert reply.status == 502
     assert b"certificate" in reply.body
     assert b"secret" not in reply.body
+    assert reply.header("Cache-Status") == "cacheproxy; fwd=miss; detail=origin-error"
     assert rogue.count("/x") == 0
 
 

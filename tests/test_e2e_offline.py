@@ -82,7 +82,9 @@ async def test_recorded_demo_replays_offline(origin: Origin, tmp_path):
         assert reply.header("Set-Cookie") == "session=abc"
     assert missing.status == 504
     assert b"offline" in missing.body and b"/never-fetched" in missing.body
+    assert missing.header("Cache-Status") == "cacheproxy; detail=offline"
     assert connect[0].status == 502
+    assert connect[0].header("Cache-Status") is None  # a tunnel is not cached
     assert post.status == 504
     # Nothing reached the origin while offline.
     assert sum(len(v) for v in origin.requests.values()) == seen

@@ -66,3 +66,10 @@ async def test_unknown_page_is_404(proxy: RunningProxy):
     """An origin-form request for anything else is 404."""
     page = await _page(proxy.port, "/nothing-here")
     assert page.status == 404
+    # The proxy's own pages are not cached responses: no Cache-Status.
+    assert page.header("Cache-Status") is None
+    post = await send_raw(
+        proxy.port, f"POST / HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\n\r\n".encode()
+    )
+    assert post[0].status == 405
+    assert post[0].header("Cache-Status") is None

@@ -58,13 +58,11 @@ class ProxyInfo:
     @ivar pseudonym: the proxy's ``Via`` pseudonym.
     @ivar version: the package version.
     @ivar options: the active options as ``(name, value)`` pairs, in display order.
-    @ivar worker: with ``--workers``, which process this is (``"2 of 4 (pid 123)"``).
     """
 
     pseudonym: str
     version: str
     options: tuple[tuple[str, str], ...] = ()
-    worker: str = ""
 
 
 @dataclass(frozen=True)
@@ -189,7 +187,7 @@ def status_page(view: _View) -> Page:
         f'<p class="sub">version {_e(info.version)} &middot; '
         '<a href="/metrics">metrics</a> &middot; '
         '<a href="/proxy.pac">proxy.pac</a></p>',
-        _worker(info),
+        _worker(view.stats),
         _modes(info),
         _section("Traffic", _figures(view)),
         _section("Store", _store(view)),
@@ -221,12 +219,14 @@ def _pairs(rows: Iterable[tuple[str, str]]) -> str:
     return f"<dl>{items}</dl>"
 
 
-def _worker(info: ProxyInfo) -> str:
+def _worker(stats: Stats) -> str:
     """With ``--workers``: which process answered, since the figures are its own."""
-    if not info.worker:
+    if stats.worker is None:
         return ""
+    number, workers, pid = stats.worker
     return (
-        f'<p class="sub">answered by worker {_e(info.worker)}: traffic figures are'
+        f'<p class="sub">answered by worker {number} of {workers} (pid {pid}):'
+        " traffic figures are"
         " this worker's own; <code>cacheproxy stats</code> adds up hits and misses"
         " of all workers</p>"
     )

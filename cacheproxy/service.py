@@ -234,7 +234,6 @@ class ProxyService(MultiService):
                 self.proxy.info,
                 options=self.proxy.info.options
                 + (("worker", f"{number} of {workers}"),),
-                worker=f"{number} of {workers} (pid {os.getpid()})",
             )
         self._access_log = access_log
         access_log.setServiceParent(self)
